@@ -661,23 +661,30 @@ print(f"loaded in {time.perf_counter() - t0:.1f}s: {n_params / 1e6:.0f}M paramet
 # in float32 on a real prompt — once without padding and once with left padding.
 
 # %%
-from transformers import Qwen2Config as HFQwen2Config
-from transformers import Qwen2ForCausalLM
+#| export: model
+def hf_reference(model: Qwen2Model):
+    """A `transformers` Qwen2ForCausalLM holding the same weights as `model` (for parity checks)."""
+    import transformers
 
-
-def hf_reference(model: Qwen2Model) -> Qwen2ForCausalLM:
     c = model.config
-    hf_cfg = HFQwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                           num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                           num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_theta,
-                           rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
-                           max_position_embeddings=c.max_position_embeddings)
-    hf = Qwen2ForCausalLM(hf_cfg).float().eval()
-    own = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v.float() for k, v in model.state_dict().items()}
-    hf.load_state_dict(own, strict=False)
-    return hf
+    if c.qk_norm or not c.attention_bias:
+        raise ValueError("hf_reference builds Qwen2 models only")
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_position_embeddings)
+    with torch.device("meta"):
+        hf = transformers.Qwen2ForCausalLM(hf_cfg)
+    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
+    hf.load_state_dict(state, assign=True, strict=False)  # shares our tensors, no copy
+    if c.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)  # its buffer is not in the state dict
+    return hf.to(next(model.parameters()).dtype).eval()
 
 
+# %%
 messages = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April, and then she sold half "
              "as many clips in May. How many clips did Natalia sell altogether in April and May?"}]
 prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -1182,19 +1189,21 @@ def generate(
     seed: int | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    ignore_eos: bool = False,
 ) -> list[Completion]:
     """Generate `n` samples for each prompt, `batch_size` sequences at a time.
 
     Prompts are strings (already chat-formatted, see `chat_prompt`) or token-id lists. A sample stops
     at an end-of-turn token, at any of the `stop` strings (cut from `text`), or after `max_new_tokens`.
-    The same seed, prompts and settings give the same samples.
+    The same seed, prompts and settings give the same samples. `ignore_eos` (for benchmarks) always
+    generates `max_new_tokens`.
     """
     _check_settings(max_new_tokens, n, temperature, top_p, top_k)
     encoded = _encode_prompts(tokenizer, prompts, model.config.max_position_embeddings, max_new_tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    eos_ids = stop_token_ids(tokenizer)
+    eos_ids = set() if ignore_eos else stop_token_ids(tokenizer)
     per_batch = max(1, batch_size // n)
     chunks = [range(i, min(i + per_batch, len(encoded))) for i in range(0, len(encoded), per_batch)]
     if progress:

@@ -227,19 +227,21 @@ def generate(
     seed: int | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    ignore_eos: bool = False,
 ) -> list[Completion]:
     """Generate `n` samples for each prompt, `batch_size` sequences at a time.
 
     Prompts are strings (already chat-formatted, see `chat_prompt`) or token-id lists. A sample stops
     at an end-of-turn token, at any of the `stop` strings (cut from `text`), or after `max_new_tokens`.
-    The same seed, prompts and settings give the same samples.
+    The same seed, prompts and settings give the same samples. `ignore_eos` (for benchmarks) always
+    generates `max_new_tokens`.
     """
     _check_settings(max_new_tokens, n, temperature, top_p, top_k)
     encoded = _encode_prompts(tokenizer, prompts, model.config.max_position_embeddings, max_new_tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    eos_ids = stop_token_ids(tokenizer)
+    eos_ids = set() if ignore_eos else stop_token_ids(tokenizer)
     per_batch = max(1, batch_size // n)
     chunks = [range(i, min(i + per_batch, len(encoded))) for i in range(0, len(encoded), per_batch)]
     if progress:

@@ -422,3 +422,25 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                          f"a local folder, a .gguf file, {OFFLINE_MODEL!r} or 'tiny-random'")
     cfg, state = load_hf_folder(path)
     return build_model(cfg, state, dtype, device), load_tokenizer(path)
+
+
+def hf_reference(model: Qwen2Model):
+    """A `transformers` Qwen2ForCausalLM holding the same weights as `model` (for parity checks)."""
+    import transformers
+
+    c = model.config
+    if c.qk_norm or not c.attention_bias:
+        raise ValueError("hf_reference builds Qwen2 models only")
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_position_embeddings)
+    with torch.device("meta"):
+        hf = transformers.Qwen2ForCausalLM(hf_cfg)
+    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
+    hf.load_state_dict(state, assign=True, strict=False)  # shares our tensors, no copy
+    if c.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)  # its buffer is not in the state dict
+    return hf.to(next(model.parameters()).dtype).eval()

@@ -1,0 +1,119 @@
+"""Decode speed, side by side in one run: naive, KV cache, batched, compiled, and transformers' generate.
+
+    python benchmarks/bench_generate.py                 # the real offline model, 256 new tokens
+    python benchmarks/bench_generate.py --smoke         # tiny random model, seconds (checks the script)
+
+Every row generates exactly --new-tokens tokens per sequence (end-of-turn ignored) from the same
+chat prompt, on the same bfloat16 weights. tokens/s counts generated tokens (prefill included in
+the time). Results: benchmarks/results/bench_generate.json (+ a markdown table on stdout).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from rlscratch.generate import chat_prompt, generate, generate_without_cache
+from rlscratch.model import OFFLINE_MODEL, hf_reference, load_model
+
+QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+            "How many clips did Natalia sell altogether in April and May?")
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def gemv_bandwidth(rows: int = 4864, cols: int = 7168, repeats: int = 30) -> float:
+    """Bytes/s of a bf16 matrix-vector product on a matrix larger than the caches (what decoding does)."""
+    w, x = torch.randn(rows, cols, dtype=torch.bfloat16), torch.randn(cols, dtype=torch.bfloat16)
+    for _ in range(3):
+        w @ x
+    return w.numel() * 2 * repeats / timed(lambda: [w @ x for _ in range(repeats)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=OFFLINE_MODEL)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model and few tokens")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batches", default="1,8,16,32")
+    parser.add_argument("--hf-batches", default="1,8,16,32")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_generate.json"))
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.new_tokens, args.batches, args.hf_batches = "tiny-random", 8, "1,4", "1,4"
+        args.out = os.devnull
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tok = load_model(args.model, dtype=torch.bfloat16)
+    prompt = chat_prompt(tok, QUESTION)
+    prompt_ids = tok.encode(prompt)
+    n_new = args.new_tokens
+    rows = []
+
+    def record(name, batch, seconds, **extra):
+        rows.append({"name": name, "batch": batch, "seconds": round(seconds, 3),
+                     "tokens_per_s": round(batch * n_new / seconds, 2), **extra})
+        print(f"{name:<34} {rows[-1]['tokens_per_s']:8.1f} tokens/s  ({seconds:.1f}s)", flush=True)
+
+    ours = lambda m, b: generate(m, tok, [prompt] * b, max_new_tokens=n_new, batch_size=b, ignore_eos=True)  # noqa: E731
+    ours(model, 1)  # warm-up
+    record("naive (no cache), batch 1", 1, timed(lambda: generate_without_cache(model, prompt_ids, n_new)))
+    for b in [int(x) for x in args.batches.split(",")]:
+        record(f"rlscratch KV cache, batch {b}", b, timed(lambda: ours(model, b)))
+
+    hf = hf_reference(model)
+    ids = torch.tensor([prompt_ids])
+    for b in [int(x) for x in args.hf_batches.split(",")]:
+        batch = ids.repeat(b, 1)
+        run = lambda: hf.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=n_new,  # noqa: E731
+                                  min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
+        with torch.inference_mode():
+            record(f"transformers generate, batch {b}", b, timed(run))
+    del hf
+
+    if not args.no_compile:
+        compiled = torch.compile(model, dynamic=True)
+        compile_s = timed(lambda: ours(compiled, 1))
+        record("rlscratch + torch.compile, batch 1", 1, timed(lambda: ours(compiled, 1)), compile_seconds=round(compile_s, 1))
+        b = max(int(x) for x in args.batches.split(","))
+        ours(compiled, b)
+        record(f"rlscratch + torch.compile, batch {b}", b, timed(lambda: ours(compiled, b)))
+
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if model.config.tie_word_embeddings:
+        weight_bytes += model.lm_head.weight.numel() * 2
+    bandwidth = gemv_bandwidth()
+    by_name = {r["name"]: r["tokens_per_s"] for r in rows}
+    summary = {
+        "kv_cache_over_naive": by_name["rlscratch KV cache, batch 1"] / by_name["naive (no cache), batch 1"],
+        "weight_bytes": weight_bytes, "gemv_bandwidth_GBps": bandwidth / 1e9,
+        "roofline_tokens_per_s": bandwidth / weight_bytes,
+    }
+    summary["batch1_fraction_of_roofline"] = by_name["rlscratch KV cache, batch 1"] / summary["roofline_tokens_per_s"]
+    for b in [int(x) for x in args.hf_batches.split(",")]:
+        if f"rlscratch KV cache, batch {b}" in by_name:
+            summary[f"ours_over_hf_batch{b}"] = by_name[f"rlscratch KV cache, batch {b}"] / by_name[f"transformers generate, batch {b}"]
+    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads", "model": args.model,
+              "prompt_tokens": len(prompt_ids), "new_tokens": n_new, "rows": rows, "summary": summary}
+    print("\n| engine | batch | tokens/s |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['name'].rsplit(',', 1)[0]} | {r['batch']} | {r['tokens_per_s']:.1f} |")
+    print("\n" + "\n".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
+    if args.out != os.devnull:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+
+import rlscratch.model as M
+from conftest import hf_pair
+
+
+@pytest.mark.parametrize("model_type,tied", [("qwen2", False), ("qwen2", True), ("qwen3", False), ("llama", True)])
+def test_logits_match_transformers(model_type, tied):
+    hf, ours = hf_pair(model_type, tied)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 512, (2, 11))
+    with torch.no_grad():
+        diff = (ours(ids) - hf(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_left_padding_matches_unpadded_transformers():
+    hf, ours = hf_pair("qwen2")
+    ids = torch.randint(0, 512, (1, 9))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    with torch.no_grad():
+        ours_logits = ours(padded, attention_mask=mask)[:, 4:]
+        assert torch.isfinite(ours_logits).all()
+        assert (ours_logits - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_tied_head_shares_storage():
+    _, ours = hf_pair("qwen2", tied=True)
+    assert ours.lm_head.weight.data_ptr() == ours.embed_tokens.weight.data_ptr()
+    _, untied = hf_pair("qwen2", tied=False)
+    assert untied.lm_head.weight.data_ptr() != untied.embed_tokens.weight.data_ptr()
+
+
+def test_config_flags_from_hf():
+    import transformers
+
+    q2 = M.Qwen2Config.from_hf(transformers.Qwen2Config().to_dict())
+    q3 = M.Qwen2Config.from_hf(transformers.Qwen3Config().to_dict())
+    ll = M.Qwen2Config.from_hf(transformers.LlamaConfig().to_dict())
+    assert (q2.attention_bias, q2.qk_norm) == (True, False)
+    assert (q3.attention_bias, q3.qk_norm) == (False, True)
+    assert (ll.attention_bias, ll.qk_norm) == (False, False)
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        M.Qwen2Config.from_hf({"model_type": "gpt2"})
+
+
+def test_hf_folder_roundtrip(tmp_path):
+    """A folder saved by transformers loads through load_model with the same logits."""
+    hf, _ = hf_pair("qwen2")
+    hf.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer  # noqa: F401  (tokenizer files are optional for the weights)
+
+    cfg, state = M.load_hf_folder(tmp_path)
+    ours = M.build_model(cfg, state, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 7))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model"):
+        M.load_model("definitely not a model")
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such GGUF"):
+        M.load_model(tmp_path / "absent.gguf")
+
+
+def test_corrupt_gguf_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 100)
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        M.read_gguf(bad)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.load_model(tmp_path)
+
+
+def test_unsupported_architecture_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        M.load_model(tmp_path)
+
+
+def test_partial_safetensors_is_reported(tmp_path):
+    hf, _ = hf_pair("qwen2")
+    hf.save_pretrained(tmp_path)
+    weights = next(tmp_path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt or partial"):
+        M.load_model(tmp_path)
+
+
+def test_hub_unreachable_is_reported(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises((ConnectionError, ValueError), match="Hub|unknown model"):
+        M.load_model("Qwen/surely-not-cached-model")
+
+
+def test_offline_hash_mismatch_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLSCRATCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(M, "OFFLINE_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="hash mismatch"):
+        M.offline_gguf_path()
+    assert list(tmp_path.iterdir()) == []  # no partial or unverified file left behind
+
+
+def test_offline_missing_part_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLSCRATCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(M, "OFFLINE_PARTS", M.OFFLINE_PARTS[:5] + ["no_such_part_package"])
+    with pytest.raises(FileNotFoundError, match="part 6"):
+        M.offline_gguf_path()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_real_model_matches_transformers():
+    """The offline GGUF model gives the logits of transformers' Qwen2 on the same weights."""
+    path = M.offline_gguf_path()
+    cfg, state = M.read_gguf_cached(path)
+    ours = M.build_model(cfg, state, dtype=torch.float32)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (24, 896, 14, 2)
+    assert not cfg.tie_word_embeddings  # this GGUF stores output.weight
+    hf = M.hf_reference(ours)
+    ids = torch.tensor([[151644, 872, 198, 3838, 374, 220, 17, 10, 18, 30, 151645, 198, 151644, 77091, 198]])
+    with torch.no_grad():
+        ours_logits, hf_logits = ours(ids), hf(ids).logits
+    assert (ours_logits - hf_logits).abs().max() < 1e-3
