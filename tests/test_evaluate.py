@@ -1,0 +1,100 @@
+import json
+
+import pytest
+
+import rlscratch.evaluate as E
+from rlscratch.data import Problem
+from rlscratch.prompts import TEMPLATES, format_prompt
+
+PROBLEMS = [Problem(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i), solution="", dataset="gsm8k",
+                    level=1 + i % 3) for i in range(5)]
+
+
+def test_templates(tokenizer):
+    assert format_prompt(tokenizer, "Q?", "plain") == "Q?"
+    chat = format_prompt(tokenizer, "Q?", "chat")
+    assert chat.startswith("<|im_start|>") and chat.endswith("<|im_start|>assistant\n")
+    assert "\\boxed{}" in format_prompt(tokenizer, "Q?", "step_by_step")
+    assert set(TEMPLATES) == {"plain", "chat", "step_by_step"}
+    with pytest.raises(ValueError, match="unknown template"):
+        format_prompt(tokenizer, "Q?", "fancy")
+
+
+def test_resume_after_interruption(tiny_model, tokenizer, tmp_path, monkeypatch):
+    settings = E.EvalSettings(model="tiny", max_new_tokens=4)
+    full = E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "a", progress=False)
+
+    calls = []
+    real_generate = E.generate
+
+    def flaky(model, tok, prompts, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the run during the second batch
+        return real_generate(model, tok, prompts, **kw)
+
+    monkeypatch.setattr(E, "generate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "b", progress=False)
+    log = next((tmp_path / "b").glob("*.jsonl"))
+    assert len(log.read_text().splitlines()) == 2  # the first batch was saved
+    calls.clear()
+    monkeypatch.setattr(E, "generate", real_generate)
+    resumed = E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "b", progress=False)
+    assert [r["id"] for r in resumed] == [p.id for p in PROBLEMS]
+    assert [r["responses"] for r in resumed] == [r["responses"] for r in full]
+    assert sorted(json.loads(line)["id"] for line in log.read_text().splitlines()) == sorted(p.id for p in PROBLEMS)
+
+    # a complete rerun generates nothing
+    monkeypatch.setattr(E, "generate", lambda *a, **k: pytest.fail("recomputed a finished run"))
+    again = E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "b", progress=False)
+    assert again == resumed
+
+
+def test_half_written_line_is_redone(tiny_model, tokenizer, tmp_path):
+    settings = E.EvalSettings(model="tiny", max_new_tokens=3)
+    E.evaluate(tiny_model, tokenizer, PROBLEMS[:2], settings, run_dir=tmp_path, progress=False)
+    log = next(tmp_path.glob("*.jsonl"))
+    log.write_text(log.read_text()[:-25])
+    records = E.evaluate(tiny_model, tokenizer, PROBLEMS[:2], settings, run_dir=tmp_path, progress=False)
+    assert [r["id"] for r in records] == ["p0", "p1"]
+    good_lines = []
+    for line in log.read_text().splitlines():
+        try:
+            good_lines.append(json.loads(line)["id"])
+        except json.JSONDecodeError:
+            pass
+    assert sorted(good_lines) == ["p0", "p1"]
+
+
+def test_record_contents(tiny_model, tokenizer, tmp_path):
+    settings = E.EvalSettings(model="tiny", max_new_tokens=3, temperature=1.0, n=2, seed=3)
+    [record] = E.evaluate(tiny_model, tokenizer, PROBLEMS[:1], settings, run_dir=tmp_path, progress=False)
+    for key in ("prompt", "responses", "extracted", "rules", "correct", "tokens", "seconds", "finish", "mean_logprob"):
+        assert key in record
+    assert len(record["responses"]) == 2 and all(t <= 3 for t in record["tokens"])
+
+
+def test_run_names_differ_with_settings():
+    a, b = E.EvalSettings(model="m"), E.EvalSettings(model="m", temperature=0.7)
+    assert a.run_name("gsm8k") != b.run_name("gsm8k")
+    assert a.run_name("gsm8k") == E.EvalSettings(model="m").run_name("gsm8k")
+
+
+def test_bad_problem_lists(tiny_model, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="no problems"):
+        E.evaluate(tiny_model, tokenizer, [], E.EvalSettings(model="m"), run_dir=tmp_path)
+    mixed = [PROBLEMS[0], Problem(id="m", question="q", answer="1", solution="", dataset="math", level=1)]
+    with pytest.raises(ValueError, match="one dataset"):
+        E.evaluate(tiny_model, tokenizer, mixed, E.EvalSettings(model="m"), run_dir=tmp_path)
+
+
+def test_summary_and_interval():
+    low, high = E.wilson_interval(50, 100)
+    assert 0.40 < low < 0.41 and 0.59 < high < 0.60
+    assert E.wilson_interval(0, 10)[0] == 0.0 and E.wilson_interval(10, 10)[1] == 1.0
+    records = [{"correct": [i % 2 == 0], "level": 1 + i % 2, "subject": "A", "tokens": [10], "extracted": ["1"],
+                "finish": ["stop"], "seconds": 1.0} for i in range(10)]
+    s = E.summarize(records)
+    assert s["n"] == 10 and s["accuracy"] == 0.5 and s["by_level"][1]["accuracy"] == 1.0
+    assert s["by_level"][2]["accuracy"] == 0.0 and s["mean_tokens"] == 10 and s["problems_per_min"] == 60

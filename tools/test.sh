@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up and run every test: unit tests, notebook/package sync, and each chapter notebook under
+# nbval in smoke mode (a tiny random-weight model, so a chapter runs in seconds to minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+if [ -z "${RLSCRATCH_DATA:-}" ] && [ -d ../shared/data ]; then
+  export RLSCRATCH_DATA="$(cd ../shared/data && pwd)"
+fi
+export RLSCRATCH_SMOKE=1
+python -m pytest tests chapters --nbval-lax -p no:cacheprovider "$@"
