@@ -911,6 +911,10 @@ assert all(parse_math(p.answer) is not None for p in gsm8k)
 #   prompt";
 # * `step_by_step` — the chat template plus an instruction to reason step by step and put the final
 #   answer in `\boxed{}`.
+#
+# Chapter 3 uses three more: `think` (the chat template plus "Let's think step by step."),
+# `few_shot` and `plain_few_shot` (eight worked examples before the question, as chat turns or as
+# raw text).
 
 # %%
 #| export: prompts
@@ -918,21 +922,70 @@ assert all(parse_math(p.answer) is not None for p in gsm8k)
 from __future__ import annotations
 
 STEP_BY_STEP = "Please reason step by step, and put your final answer within \\boxed{}."
-TEMPLATES = ("plain", "chat", "step_by_step")
+THINK = "Let's think step by step."  # zero-shot chain of thought, Kojima et al. 2022
+
+# The eight GSM8K chain-of-thought exemplars of Wei et al. 2022, "Chain-of-Thought Prompting Elicits
+# Reasoning in Large Language Models" (NeurIPS 2022), Table 20: (question, worked answer).
+GSM8K_COT_EXEMPLARS = [
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+     "there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+     "been 21 - 15 = 6. The answer is 6."),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
+     "they had 74 - 35 = 39. The answer is 39."),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
+     "Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
+     "The answer is 8."),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. "
+     "The answer is 9."),
+    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
+     "thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 computers "
+     "were added. 9 + 20 is 29. The answer is 29."),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
+     "balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, "
+     "he had 35 - 2 = 33 golf balls. The answer is 33."),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+     "left. 23 - 15 is 8. The answer is 8."),
+]
+
+TEMPLATES = ("plain", "chat", "step_by_step", "think", "few_shot", "plain_few_shot")
+_STOP = {"plain_few_shot": ["\n\nQ:", "\nQ:"]}
 
 
 def format_prompt(tokenizer, question: str, template: str = "chat") -> str:
-    """The model input for `question` under a named template (see TEMPLATES)."""
+    """The model input for `question` under a named template (see TEMPLATES).
+
+    plain: the bare question, no chat template. chat: the question as the user turn. step_by_step:
+    + "reason step by step ... \\boxed{}". think: + "Let's think step by step." few_shot: the 8
+    exemplars as earlier chat turns. plain_few_shot: the exemplars as raw "Q: ... A: ..." text.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
     if template == "plain":
         return question
-    if template == "chat":
-        content = question
-    elif template == "step_by_step":
-        content = f"{question}\n{STEP_BY_STEP}"
-    else:
-        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    if template == "plain_few_shot":
+        shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in GSM8K_COT_EXEMPLARS)
+        return f"{shots}Q: {question}\nA:"
+    messages = []
+    if template == "few_shot":
+        for q, a in GSM8K_COT_EXEMPLARS:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    suffix = {"step_by_step": f"\n{STEP_BY_STEP}", "think": f"\n{THINK}"}.get(template, "")
+    messages.append({"role": "user", "content": question + suffix})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def stop_strings(template: str) -> list[str] | None:
+    """Extra stop strings a template needs (raw-text few-shot prompts would go on to invent the next Q:)."""
+    return _STOP.get(template)
 
 
 # %% [markdown]
@@ -966,7 +1019,7 @@ from pathlib import Path
 
 from rlscratch.data import Problem
 from rlscratch.generate import generate
-from rlscratch.prompts import format_prompt
+from rlscratch.prompts import format_prompt, stop_strings
 from rlscratch.results import results_dir
 from rlscratch.verify import answers_match, extract
 
@@ -1028,11 +1081,11 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     for start in range(0, len(todo), per_batch):
         chunk = todo[start:start + per_batch]
         prompts = [format_prompt(tokenizer, p.question, settings.template) for p in chunk]
+        seed = None if settings.temperature == 0 else settings.seed + len(done) + start
         t0 = time.perf_counter()
         completions = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
-                               seed=None if settings.temperature == 0 else settings.seed + len(done) + start,
-                               batch_size=batch_size)
+                               stop=stop_strings(settings.template), seed=seed, batch_size=batch_size)
         seconds = time.perf_counter() - t0
         lines = []
         for k, problem in enumerate(chunk):

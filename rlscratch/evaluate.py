@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlscratch.data import Problem
 from rlscratch.generate import generate
-from rlscratch.prompts import format_prompt
+from rlscratch.prompts import format_prompt, stop_strings
 from rlscratch.results import results_dir
 from rlscratch.verify import answers_match, extract
 
@@ -77,11 +77,11 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     for start in range(0, len(todo), per_batch):
         chunk = todo[start:start + per_batch]
         prompts = [format_prompt(tokenizer, p.question, settings.template) for p in chunk]
+        seed = None if settings.temperature == 0 else settings.seed + len(done) + start
         t0 = time.perf_counter()
         completions = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
-                               seed=None if settings.temperature == 0 else settings.seed + len(done) + start,
-                               batch_size=batch_size)
+                               stop=stop_strings(settings.template), seed=seed, batch_size=batch_size)
         seconds = time.perf_counter() - t0
         lines = []
         for k, problem in enumerate(chunk):

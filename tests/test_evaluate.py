@@ -15,7 +15,7 @@ def test_templates(tokenizer):
     chat = format_prompt(tokenizer, "Q?", "chat")
     assert chat.startswith("<|im_start|>") and chat.endswith("<|im_start|>assistant\n")
     assert "\\boxed{}" in format_prompt(tokenizer, "Q?", "step_by_step")
-    assert set(TEMPLATES) == {"plain", "chat", "step_by_step"}
+    assert {"plain", "chat", "step_by_step", "few_shot", "plain_few_shot", "think"} == set(TEMPLATES)
     with pytest.raises(ValueError, match="unknown template"):
         format_prompt(tokenizer, "Q?", "fancy")
 
