@@ -81,7 +81,12 @@ for gold, pred in pairs:
 # | `boxed` | `... so the answer is \boxed{\frac{3}{4}}.` (the *last* `\boxed{}` or `\fbox{}`, nested braces allowed) |
 # | `gsm8k` | `#### 42` (the format of GSM8K's reference solutions) |
 # | `answer_is` | `The answer is 42.` / `Final answer: 42` |
+# | `last_latex` | `... so the area is \(\frac{3\sqrt{3}}{4}\).` (the right-hand side of the last formula, if it looks like a value) |
 # | `last_number` | the last number in the text, a weak fallback |
+#
+# The last two are *fallbacks*: they guess. The harness (section 7) therefore ignores them when a
+# response was cut off by the token limit: a truncated response never reached its answer, and
+# whatever number it ended on is noise, not an answer.
 #
 # Everything here is plain string scanning in linear time: the model's output is untrusted, and a
 # regular expression with nested quantifiers can take exponential time on a crafted string.
@@ -161,10 +166,37 @@ def extract(text: str) -> Extraction:
         rest = re.split(r"\.\s|\.$|\n", rest.strip(), maxsplit=1)[0].strip().strip("$ ")
         if rest:
             return Extraction(rest, "answer_is")
+    formula = _last_formula(text)
+    if formula is not None:
+        return Extraction(formula, "last_latex")
     numbers = _NUMBER.findall(text[-5000:])
     if numbers:
         return Extraction(numbers[-1].rstrip(","), "last_number")
     return Extraction(None, "none")
+
+
+FALLBACK_RULES = ("last_latex", "last_number")  # guesses, not stated answers
+
+
+def _last_formula(text: str) -> str | None:
+    """The right-hand side of the last \\(...\\), \\[...\\] or $...$ formula, if it looks like a bare value."""
+    segments = []
+    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
+        end = text.rfind(closer)
+        start = text.rfind(opener, 0, end) if end >= 0 else -1
+        if start >= 0:
+            segments.append((end, text[start + 2:end]))
+    end = text.rfind("$")
+    start = text.rfind("$", 0, end) if end > 0 else -1
+    if start >= 0:
+        segments.append((end, text[start + 1:end].strip("$")))
+    if not segments:
+        return None
+    body = max(segments)[1].rsplit("=", 1)[-1].strip().rstrip(".,")
+    words = re.sub(r"\\[a-zA-Z]+", "", body)
+    if not body or len(body) > 80 or "\\text" in body or re.search(r"[A-Za-z]{2,}", words):
+        return None
+    return body
 
 
 def extract_answer(text: str) -> str | None:
@@ -179,6 +211,7 @@ examples = [
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72",
     "Adding both months gives 72 clips. The answer is 72.",
     "She sold 48 in April and 24 in May, 72 in total",
+    "So the area is \\(\\frac{3\\sqrt{3}}{4}\\).",
     "I don't know.",
     "\\boxed{\\frac{1}{2",
 ]
@@ -187,7 +220,8 @@ for e in examples:
 assert extract(examples[0]) == Extraction("72", "boxed")
 assert extract_answer(examples[1]) == "\\frac{1}{2}"
 assert extract(examples[2]).rule == "gsm8k" and extract(examples[3]) == Extraction("72", "answer_is")
-assert extract(examples[4]) == Extraction("72", "last_number") and extract(examples[5]).answer is None
+assert extract(examples[4]) == Extraction("72", "last_number") and extract(examples[6]).answer is None
+assert extract(examples[5]) == Extraction("\\frac{3\\sqrt{3}}{4}", "last_latex")
 
 # %% [markdown]
 # ## 3. Normalization
@@ -217,6 +251,9 @@ def normalize_answer(answer: str) -> str:
     if unit and unit.group(2).lower() not in ("i", "e", "pi") and len(unit.group(2)) > 1:
         s = unit.group(1)
     s = re.sub(r"\s+", " ", s).strip()
+    base_n = re.fullmatch(r"([0-9A-Za-z]+)_\{?(\d+)\}?", s)  # 040_9, 4210_{5}: a number in base n
+    if base_n:
+        s = f"{base_n.group(1).lstrip('0') or '0'}_{base_n.group(2)}"
     if re.fullmatch(r"\(?[A-Ea-e]\)?", s):  # multiple choice: (C) -> C
         s = s.strip("()").upper()
     return s
@@ -224,7 +261,7 @@ def normalize_answer(answer: str) -> str:
 
 # %%
 for raw in ["\\$1,234.", "90^\\circ", "\\dfrac{14}{3}", "\\text{Evelyn}", "5\\text{ cm}", "\\left( 3, \\frac{\\pi}{2} \\right)",
-            "\u22125", "18 dollars", "\\text{(C)}", "10\\%"]:
+            "\u22125", "18 dollars", "\\text{(C)}", "10\\%", "040_9", "4210_{5}"]:
     print(f"{raw!r:40} -> {normalize_answer(raw)!r}")
 assert normalize_answer("\\$1,234.") == "1234" and normalize_answer("5\\text{ cm}") == "5" and normalize_answer("18 dollars") == "18"
 assert normalize_answer("\\text{(C)}") == "C" and normalize_answer("\u22125") == "-5"
@@ -733,8 +770,10 @@ except ImportError:
 
 
 def math_verify_says(pred, gold):
-    if mv_parse is None or not isinstance(pred, str) or not pred:
+    if mv_parse is None:
         return None
+    if not isinstance(pred, str) or not pred:
+        return False
     try:
         return bool(mv_verify(mv_parse(f"${gold}$"), mv_parse(f"${pred}$")))
     except Exception:
@@ -997,7 +1036,9 @@ def stop_strings(template: str) -> list[str] | None:
 # and flushed to disk. Re-running with the same settings reads the file and only generates what is
 # missing; an interrupted run (a closed laptop, a killed kernel) loses at most one batch, and a
 # half-written last line is ignored. The run's settings are stored next to the records, and a
-# rerun with different settings under the same name is refused rather than mixed.
+# rerun with different settings under the same name is refused rather than mixed. Records keep
+# the raw responses, and grading is re-done from them whenever a run is loaded, so an improved
+# verifier applies to old runs without generating anything again.
 #
 # `summarize` turns records into the numbers we report: accuracy with a **Wilson 95% confidence
 # interval** (better behaved than ±1.96·√(p(1−p)/n) for small n or extreme p), accuracy per
@@ -1021,7 +1062,7 @@ from rlscratch.data import Problem
 from rlscratch.generate import generate
 from rlscratch.prompts import format_prompt, stop_strings
 from rlscratch.results import results_dir
-from rlscratch.verify import answers_match, extract
+from rlscratch.verify import FALLBACK_RULES, answers_match, extract
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1039,6 +1080,25 @@ class EvalSettings:
         return f"{dataset}-{self.template}-t{self.temperature}-n{self.n}-{digest}"
 
 
+def grade_record(record: dict) -> dict:
+    """(Re)compute a record's extracted answers, rules and correctness from its responses.
+
+    A response cut off by the token limit only counts if it stated an answer (e.g. a \\boxed{}):
+    a fallback guess from a truncated response is recorded as no answer (rule "truncated").
+    """
+    extracted, rules, correct = [], [], []
+    for text, finish in zip(record["responses"], record["finish"]):
+        found = extract(text)
+        answer, rule = found.answer, found.rule
+        if finish == "length" and rule in FALLBACK_RULES:
+            answer, rule = None, "truncated"
+        extracted.append(answer)
+        rules.append(rule)
+        correct.append(answers_match(answer, record["gold"]))
+    record.update(extracted=extracted, rules=rules, correct=correct)
+    return record
+
+
 def _load_records(path: Path) -> dict[str, dict]:
     records = {}
     if path.exists():
@@ -1047,7 +1107,7 @@ def _load_records(path: Path) -> dict[str, dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by an interruption: redo that problem
                 continue
-            records[record["id"]] = record
+            records[record["id"]] = grade_record(record)  # graded by the current verifier
     return records
 
 
@@ -1070,7 +1130,7 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     todo = [p for p in problems if p.id not in done]
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # a text bar: it stays readable in saved notebook outputs
 
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=name, unit="problem")
     if todo and path.exists() and not path.read_text(encoding="utf-8").endswith("\n"):
@@ -1090,16 +1150,13 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
         lines = []
         for k, problem in enumerate(chunk):
             samples = completions[k * settings.n:(k + 1) * settings.n]
-            extractions = [extract(c.text) for c in samples]
-            record = {
+            record = grade_record({
                 "id": problem.id, "dataset": problem.dataset, "level": problem.level, "subject": problem.subject,
                 "gold": problem.answer, "prompt": prompts[k], "responses": [c.text for c in samples],
-                "extracted": [e.answer for e in extractions], "rules": [e.rule for e in extractions],
-                "correct": [answers_match(e.answer, problem.answer) for e in extractions],
                 "tokens": [len(c.token_ids) for c in samples], "finish": [c.finish_reason for c in samples],
                 "mean_logprob": [sum(c.logprobs) / max(1, len(c.logprobs)) for c in samples],
                 "seconds": seconds / len(chunk),
-            }
+            })
             done[problem.id] = record
             lines.append(json.dumps(record) + "\n")
         with open(path, "a", encoding="utf-8") as f:
@@ -1223,11 +1280,53 @@ rules = collections.Counter(rule for r in gsm8k_run + math_run for rule in r["ru
 print("extraction rules used:", dict(rules))
 
 # %% [markdown]
-# Two observations shape the next chapters. First, without being asked, the model already reasons
-# step by step (it was instruction-tuned on such answers), but it does not reliably mark a final
-# answer, so the weak `last_number` rule fires often; second, harder GSM8K problems (more steps) and
-# higher MATH levels fail more often — the slope of those bars is what inference-time scaling and
-# RL should flatten.
+# ### Checking the grader on real responses
+#
+# The hand-built cases above test what we thought of. Real responses test what we did not. We grade
+# every baseline response a second time with `math-verify` (which does its own extraction from the
+# full text) and read each disagreement.
+#
+# The first time this cell ran, on an earlier version of our verifier, there were five
+# disagreements out of 300, and each one taught something:
+#
+# * three MATH responses hit the 512-token limit in the middle of their reasoning, and the
+#   `last_number` fallback happened to pick up the gold number from the unfinished text. We counted
+#   them correct; `math-verify` did not. We agree with `math-verify`: since then the harness
+#   ignores fallback extractions from truncated responses (section 7);
+# * a response ended with "the value of \\(9 \\& 2\\) is \\(\\frac{3\\sqrt{3}}{4}\\)" — correct, but
+#   with no box, and our last-number fallback read "4". This is why the `last_latex` rule exists;
+# * the model wrote the base-9 answer as `040_9` where the reference has `40_9`: a leading zero.
+#   Normalization now strips leading zeros of base-n numbers.
+#
+# What remains after those fixes is printed below.
+
+# %%
+if mv_parse is not None:
+    disagreements = []
+    for r in gsm8k_run + math_run:
+        try:
+            theirs = bool(mv_verify(mv_parse(f"${r['gold']}$"), mv_parse(r["responses"][0])))
+        except Exception:
+            theirs = False
+        if theirs != r["correct"][0]:
+            disagreements.append({"id": r["id"], "gold": r["gold"], "ours": r["extracted"][0], "rule": r["rules"][0],
+                                  "finish": r["finish"][0], "ours_correct": r["correct"][0], "math_verify": theirs})
+    total = len(gsm8k_run) + len(math_run)
+    print(f"agreement with math-verify on {total} real responses: {1 - len(disagreements) / total:.1%}")
+    if disagreements:
+        show_table(disagreements)
+
+# %% [markdown]
+# What the baseline shows:
+#
+# * Without being asked, the instruction-tuned model already reasons step by step and puts most
+#   final answers in `\\boxed{}` (see the extraction rules above): it was fine-tuned on answers
+#   formatted that way.
+# * Accuracy falls with difficulty: more solution steps on GSM8K, higher levels on MATH. With
+#   100 MATH problems the per-level bars rest on 6-25 problems each, so read them as a trend, not
+#   as five measurements.
+# * Many MATH responses run into the 512-token limit before reaching an answer (the `truncated`
+#   rate). Part of the gap between GSM8K and MATH is the length budget, not only difficulty.
 #
 # The results become **row 1** of the book's results table, saved where later chapters and the
 # README read them:

@@ -360,7 +360,7 @@ print(f"self-consistency temperature: {SC_TEMPERATURE}")
 sc_problems = problems[:N_SC]
 t0 = time.perf_counter()
 sc_records = self_consistency(model, tokenizer, sc_problems, n=SC_N, temperature=SC_TEMPERATURE, template=BEST,
-                              max_new_tokens=MAX_NEW_TOKENS, seed=2, model_name=MODEL, batch_size=BATCH_SIZE)
+                              max_new_tokens=MAX_NEW_TOKENS, seed=2, model_name=MODEL, batch_size=2 * SC_N)
 sc_seconds = sum(r["seconds"] for r in sc_records)
 ks = [k for k in (1, 5, 10, 20) if k <= SC_N]
 curve = [vote_at_k(sc_records, k) for k in ks]

@@ -17,7 +17,7 @@ from rlscratch.data import Problem
 from rlscratch.generate import generate
 from rlscratch.prompts import format_prompt, stop_strings
 from rlscratch.results import results_dir
-from rlscratch.verify import answers_match, extract
+from rlscratch.verify import FALLBACK_RULES, answers_match, extract
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,25 @@ class EvalSettings:
         return f"{dataset}-{self.template}-t{self.temperature}-n{self.n}-{digest}"
 
 
+def grade_record(record: dict) -> dict:
+    """(Re)compute a record's extracted answers, rules and correctness from its responses.
+
+    A response cut off by the token limit only counts if it stated an answer (e.g. a \\boxed{}):
+    a fallback guess from a truncated response is recorded as no answer (rule "truncated").
+    """
+    extracted, rules, correct = [], [], []
+    for text, finish in zip(record["responses"], record["finish"]):
+        found = extract(text)
+        answer, rule = found.answer, found.rule
+        if finish == "length" and rule in FALLBACK_RULES:
+            answer, rule = None, "truncated"
+        extracted.append(answer)
+        rules.append(rule)
+        correct.append(answers_match(answer, record["gold"]))
+    record.update(extracted=extracted, rules=rules, correct=correct)
+    return record
+
+
 def _load_records(path: Path) -> dict[str, dict]:
     records = {}
     if path.exists():
@@ -43,7 +62,7 @@ def _load_records(path: Path) -> dict[str, dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by an interruption: redo that problem
                 continue
-            records[record["id"]] = record
+            records[record["id"]] = grade_record(record)  # graded by the current verifier
     return records
 
 
@@ -66,7 +85,7 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     todo = [p for p in problems if p.id not in done]
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # a text bar: it stays readable in saved notebook outputs
 
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=name, unit="problem")
     if todo and path.exists() and not path.read_text(encoding="utf-8").endswith("\n"):
@@ -86,16 +105,13 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
         lines = []
         for k, problem in enumerate(chunk):
             samples = completions[k * settings.n:(k + 1) * settings.n]
-            extractions = [extract(c.text) for c in samples]
-            record = {
+            record = grade_record({
                 "id": problem.id, "dataset": problem.dataset, "level": problem.level, "subject": problem.subject,
                 "gold": problem.answer, "prompt": prompts[k], "responses": [c.text for c in samples],
-                "extracted": [e.answer for e in extractions], "rules": [e.rule for e in extractions],
-                "correct": [answers_match(e.answer, problem.answer) for e in extractions],
                 "tokens": [len(c.token_ids) for c in samples], "finish": [c.finish_reason for c in samples],
                 "mean_logprob": [sum(c.logprobs) / max(1, len(c.logprobs)) for c in samples],
                 "seconds": seconds / len(chunk),
-            }
+            })
             done[problem.id] = record
             lines.append(json.dumps(record) + "\n")
         with open(path, "a", encoding="utf-8") as f:

@@ -245,7 +245,7 @@ def generate(
     per_batch = max(1, batch_size // n)
     chunks = [range(i, min(i + per_batch, len(encoded))) for i in range(0, len(encoded), per_batch)]
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # a text bar: it stays readable in saved notebook outputs
 
         chunks = tqdm(chunks, desc="generate", unit="batch")
     results: list[Completion] = []

@@ -74,10 +74,37 @@ def extract(text: str) -> Extraction:
         rest = re.split(r"\.\s|\.$|\n", rest.strip(), maxsplit=1)[0].strip().strip("$ ")
         if rest:
             return Extraction(rest, "answer_is")
+    formula = _last_formula(text)
+    if formula is not None:
+        return Extraction(formula, "last_latex")
     numbers = _NUMBER.findall(text[-5000:])
     if numbers:
         return Extraction(numbers[-1].rstrip(","), "last_number")
     return Extraction(None, "none")
+
+
+FALLBACK_RULES = ("last_latex", "last_number")  # guesses, not stated answers
+
+
+def _last_formula(text: str) -> str | None:
+    """The right-hand side of the last \\(...\\), \\[...\\] or $...$ formula, if it looks like a bare value."""
+    segments = []
+    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
+        end = text.rfind(closer)
+        start = text.rfind(opener, 0, end) if end >= 0 else -1
+        if start >= 0:
+            segments.append((end, text[start + 2:end]))
+    end = text.rfind("$")
+    start = text.rfind("$", 0, end) if end > 0 else -1
+    if start >= 0:
+        segments.append((end, text[start + 1:end].strip("$")))
+    if not segments:
+        return None
+    body = max(segments)[1].rsplit("=", 1)[-1].strip().rstrip(".,")
+    words = re.sub(r"\\[a-zA-Z]+", "", body)
+    if not body or len(body) > 80 or "\\text" in body or re.search(r"[A-Za-z]{2,}", words):
+        return None
+    return body
 
 
 def extract_answer(text: str) -> str | None:
@@ -102,6 +129,9 @@ def normalize_answer(answer: str) -> str:
     if unit and unit.group(2).lower() not in ("i", "e", "pi") and len(unit.group(2)) > 1:
         s = unit.group(1)
     s = re.sub(r"\s+", " ", s).strip()
+    base_n = re.fullmatch(r"([0-9A-Za-z]+)_\{?(\d+)\}?", s)  # 040_9, 4210_{5}: a number in base n
+    if base_n:
+        s = f"{base_n.group(1).lstrip('0') or '0'}_{base_n.group(2)}"
     if re.fullmatch(r"\(?[A-Ea-e]\)?", s):  # multiple choice: (C) -> C
         s = s.strip("()").upper()
     return s

@@ -75,6 +75,26 @@ def test_record_contents(tiny_model, tokenizer, tmp_path):
     assert len(record["responses"]) == 2 and all(t <= 3 for t in record["tokens"])
 
 
+def test_truncated_fallback_is_not_an_answer():
+    base = {"gold": "4", "responses": ["... and so on, 2 + 2 = 4"]}
+    assert E.grade_record({**base, "finish": ["stop"]})["correct"] == [True]
+    cut = E.grade_record({**base, "finish": ["length"]})
+    assert cut["extracted"] == [None] and cut["rules"] == ["truncated"] and cut["correct"] == [False]
+    boxed = E.grade_record({"gold": "4", "responses": ["\\boxed{4} and then more"], "finish": ["length"]})
+    assert boxed["correct"] == [True]  # a stated answer counts even if the text ran on
+
+
+def test_loaded_runs_are_regraded(tiny_model, tokenizer, tmp_path):
+    """Records keep raw responses; a stale verdict in the file is recomputed when the run is loaded."""
+    settings = E.EvalSettings(model="tiny", max_new_tokens=3)
+    E.evaluate(tiny_model, tokenizer, PROBLEMS[:1], settings, run_dir=tmp_path, progress=False)
+    log = next(tmp_path.glob("*.jsonl"))
+    record = json.loads(log.read_text())
+    log.write_text(json.dumps({**record, "correct": ["stale"], "extracted": ["stale"]}) + "\n")
+    [again] = E.evaluate(tiny_model, tokenizer, PROBLEMS[:1], settings, run_dir=tmp_path, progress=False)
+    assert again["correct"] == record["correct"] and again["extracted"] == record["extracted"]
+
+
 def test_run_names_differ_with_settings():
     a, b = E.EvalSettings(model="m"), E.EvalSettings(model="m", temperature=0.7)
     assert a.run_name("gsm8k") != b.run_name("gsm8k")

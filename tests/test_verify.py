@@ -16,6 +16,9 @@ from rlscratch.verify import Extraction, answers_match, extract, extract_answer,
     ("Thus, the answer is 42. Done.", Extraction("42", "answer_is")),
     ("Final answer: $\\frac{3}{4}$", Extraction("\\frac{3}{4}", "answer_is")),
     ("48 + 24 = 72 clips", Extraction("72", "last_number")),
+    ("so the value is \\(\\frac{3\\sqrt{3}}{4}\\).", Extraction("\\frac{3\\sqrt{3}}{4}", "last_latex")),
+    ("\\[ 9 \\& 2 = \\sqrt{2} \\]", Extraction("\\sqrt{2}", "last_latex")),
+    ("total: $29 \\times 2 = 58 \\text{ dollars}$", Extraction("58", "last_number")),  # text in the formula: not a bare value
     ("I have no idea", Extraction(None, "none")),
     ("unbalanced \\boxed{\\frac{1}{2", Extraction("2", "last_number")),
 ])
@@ -27,7 +30,7 @@ def test_extraction_rules(text, expected):
 @pytest.mark.parametrize("raw,normal", [
     ("\\$1,234.", "1234"), ("90^\\circ", "90"), ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("\\text{Evelyn}", "Evelyn"),
     ("5\\text{ cm}", "5"), ("\u22127", "-7"), ("\\left( 1, 2 \\right)", "( 1, 2 )"), ("10\\%", "10%"),
-    ("\\textbf{(B)}", "B"), ("1{,}000", "1000"), ("3\\!\\,000", "3000"),
+    ("\\textbf{(B)}", "B"), ("1{,}000", "1000"), ("3\\!\\,000", "3000"), ("040_9", "40_9"), ("4210_{5}", "4210_5"),
 ])
 def test_normalization(raw, normal):
     assert normalize_answer(raw) == normal
