@@ -269,19 +269,28 @@ def _run_to_end(steps):
             return done.value
 
 
-def stream(model: Qwen2Model, tokenizer, prompt: str, *, max_new_tokens: int, **sampling) -> Iterator[str]:
-    """Yield the text of one completion piece by piece as it is generated."""
-    _check_settings(max_new_tokens, 1, sampling.get("temperature", 0.0), sampling.get("top_p", 1.0),
-                    sampling.get("top_k", 0))
-    seed = sampling.pop("seed", None)
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    stop = sampling.pop("stop", None)
+def stream(
+    model: Qwen2Model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: Sequence[str] | None = None,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Yield the text of one completion piece by piece as it is generated (same settings as `generate`)."""
+    _check_settings(max_new_tokens, 1, temperature, top_p, top_k)
     encoded = _encode_prompts(tokenizer, [prompt], model.config.max_position_embeddings, max_new_tokens)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    steps = _decode(model, encoded, n=1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k, stop=stop, eos_ids=stop_token_ids(tokenizer), tokenizer=tokenizer,
+                    generator=generator)
     ids: list[int] = []
     shown = ""
-    for _, token in _decode(model, encoded, n=1, max_new_tokens=max_new_tokens, temperature=sampling.get("temperature", 0.0),
-                            top_p=sampling.get("top_p", 1.0), top_k=sampling.get("top_k", 0), stop=stop,
-                            eos_ids=stop_token_ids(tokenizer), tokenizer=tokenizer, generator=generator):
+    for _, token in steps:
         ids.append(token)
         text = _finish_text(tokenizer, ids, stop)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

@@ -284,6 +284,8 @@ def read_gguf(path: str | Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
     arch = field("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r} in {path}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    if arch == "llama":  # llama.cpp permutes llama's q/k weights for its rotary layout
+        raise ValueError("llama GGUF files are not supported; load the Hugging Face folder instead")
     names = {t.name for t in reader.tensors}
     heads = field(f"{arch}.attention.head_count")
     cfg = Qwen2Config(
@@ -301,8 +303,6 @@ def read_gguf(path: str | Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
     )
-    if arch == "llama":
-        raise ValueError("llama GGUF files permute q/k for rotary embeddings; load a Hugging Face folder instead")
     state = {}
     for t in reader.tensors:
         if t.name in _GGUF_TOP_NAMES:
