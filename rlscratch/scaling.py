@@ -101,7 +101,8 @@ def sweep(model, tokenizer, problems, settings_list: Sequence[EvalSettings], **e
     for settings in settings_list:
         records = evaluate(model, tokenizer, problems, settings, **evaluate_kwargs)
         rows.append({"temperature": settings.temperature, "top_p": settings.top_p, "n": settings.n,
-                     **sample_diversity(records), "maj_at_n": vote_at_k(records, settings.n)["maj"]})
+                     **sample_diversity(records), "maj_at_n": vote_at_k(records, settings.n)["maj"],
+                     "seconds": sum(r["seconds"] for r in records)})
     return rows
 
 
