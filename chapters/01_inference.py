@@ -1289,6 +1289,9 @@ print(f"batch of {len(prompts)}: {sum(len(b.token_ids) for b in batched) / batch
 assert single[1].token_ids[: len(cached_ids)] == cached_ids[: len(single[1].token_ids)]
 
 # %% [markdown]
+# (The planet answer is a reminder that a 0.5B coding model knows little about the world; what it
+# says is its own business, the engine's job is to compute it faithfully.)
+#
 # In bfloat16, "equal" needs a caveat: batching changes the shapes of the matrix products, and a
 # CPU may sum in a different order for different shapes. When two candidate tokens have almost the
 # same logit, rounding can in principle flip the argmax. On these prompts the outputs are
