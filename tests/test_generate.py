@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from rlscratch.generate import (KVCache, chat_prompt, generate, generate_without_cache, sample_next_token, stream,
-                                top_p_filter)
+from rlscratch.generate import (KVCache, PackedLinear, chat_prompt, generate, generate_without_cache, pack_for_cpu,
+                                sample_next_token, stream, top_p_filter)
+from rlscratch.model import Qwen2Model, tiny_config
 
 PROMPTS = ["What is 2 + 3?", "Name a prime number larger than ten, please.", "Hi"]
 
@@ -148,3 +149,35 @@ def test_sample_next_token_modes():
     assert draws == {1}
     with pytest.raises(ValueError):
         sample_next_token(logits, temperature=-1.0)
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_model_matches_plain(tokenizer, prompts, dtype, tied):
+    torch.manual_seed(1)
+    model = Qwen2Model(tiny_config(vocab_size=len(tokenizer), tie_word_embeddings=tied)).to(dtype).eval()
+    fast = pack_for_cpu(model)
+    assert fast is not model
+    assert isinstance(fast.lm_head, PackedLinear) and isinstance(fast.layers[0].mlp.up_proj, PackedLinear)
+    ids = torch.tensor([tokenizer.encode(prompts[1])])
+    with torch.inference_mode():
+        plain, packed = model(ids).float(), fast(ids).float()
+    assert torch.allclose(plain, packed, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    greedy_plain = generate(model, tokenizer, prompts, max_new_tokens=8, ignore_eos=True)
+    greedy_packed = generate(fast, tokenizer, prompts, max_new_tokens=8, ignore_eos=True)
+    if dtype == torch.bfloat16:  # same oneDNN kernel without the per-call reorder: bit-identical
+        assert torch.equal(plain, packed)
+        assert [c.token_ids for c in greedy_plain] == [c.token_ids for c in greedy_packed]
+    # the original is untouched and still trainable
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.requires_grad
+    model(ids).float().sum().backward()
+    assert model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_pack_for_cpu_falls_back_where_it_does_not_apply():
+    model = Qwen2Model(tiny_config()).double()
+    assert pack_for_cpu(model) is model
