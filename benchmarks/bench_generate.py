@@ -111,9 +111,13 @@ def main() -> None:
 
     if not args.no_compile:
         compiled = torch.compile(model, dynamic=True)
-        compile_s = timed(lambda: ours(compiled, 1))
-        record("rlscratch + torch.compile, batch 1", 1, timed(lambda: ours(compiled, 1), args.repeats),
-               compile_seconds=round(compile_s, 1))
+        compile_s = timed(lambda: ours(compiled, 1))  # first call: compiles
+        best_compiled = best_eager = float("inf")
+        for _ in range(args.repeats):  # alternate with eager batch 1, as above
+            best_compiled = min(best_compiled, timed(lambda: ours(compiled, 1)))
+            best_eager = min(best_eager, timed(lambda: ours(model, 1)))
+        record("rlscratch + torch.compile, batch 1", 1, best_compiled, compile_seconds=round(compile_s, 1),
+               eager_same_phase_tokens_per_s=round(n_new / best_eager, 2))
 
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if model.config.tie_word_embeddings:
@@ -131,6 +135,9 @@ def main() -> None:
         for b in [int(x) for x in args.hf_batches.split(",")]:
             if f"{label}, batch {b}" in by_name:
                 summary[f"{engine}_over_hf_batch{b}"] = by_name[f"{label}, batch {b}"] / by_name[f"transformers generate, batch {b}"]
+    compiled_row = next((r for r in rows if "torch.compile" in r["name"]), None)
+    if compiled_row:
+        summary["compile_over_eager_batch1"] = compiled_row["tokens_per_s"] / compiled_row["eager_same_phase_tokens_per_s"]
     result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads", "model": args.model,
               "prompt_tokens": len(prompt_ids), "new_tokens": n_new, "rows": rows, "summary": summary}

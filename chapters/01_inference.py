@@ -27,7 +27,8 @@
 # 2. a naive generation loop, then a **KV cache** and how much it buys;
 # 3. **batched** generation with left padding, per-row stopping, and shared prompts;
 # 4. **sampling**: temperature, top-k and top-p;
-# 5. `torch.compile`, measured rather than assumed;
+# 5. speed, measured against the hardware's limit: packing the weights once for the CPU's matrix
+#    kernels, and `torch.compile`, measured rather than assumed;
 # 6. per-token **log-probabilities** and a streaming mode.
 #
 # Cells that start with `#| export: <module>` are the finished product: `python tools/export.py`
@@ -1380,7 +1381,7 @@ print(f"weights read per step: {weight_bytes / 1e9:.2f} GB; GEMV bandwidth {band
 # %% [markdown]
 # ### Packing the weights once
 #
-# Where do the other ~25% go? Look at what a bfloat16 `nn.Linear` does on an x86 CPU. PyTorch hands
+# Can we get closer to that bound? Look at what a bfloat16 `nn.Linear` does on an x86 CPU. PyTorch hands
 # the product to oneDNN, Intel's kernel library, whose kernels want the weight in a *blocked*
 # layout: small tiles arranged to match the AVX-512 registers. An `nn.Linear` stores its weight as
 # a plain row-major matrix, so every call first **reorders** the weight into that layout (read 2
@@ -1535,19 +1536,20 @@ else:
 #
 # `torch.compile` traces the model into a graph and generates fused kernels. On a GPU the big win
 # is removing the per-operation launch overhead: a 24-layer decode step issues hundreds of small
-# kernels. On a CPU the picture is different: batch-1 decoding is bound by reading the weights,
-# which compiled code reads no faster, and eager PyTorch's per-operation overhead (a few
-# microseconds) is small next to the ~70 ms a step costs. What compile can still fuse is the
-# elementwise work (RMSNorm, RoPE, SwiGLU), a few percent of a step.
+# kernels. On a CPU the picture is different: decoding is bound by reading the weights, and eager
+# PyTorch's per-operation overhead (a few microseconds) is small next to the 30-70 ms a step costs.
+# What compile can fuse is the elementwise work (RMSNorm, RoPE, SwiGLU), a few percent of a step.
+# (Its `freezing` option would also prepack the weights as `pack_for_cpu` does; we do that step
+# explicitly, without a compiler, so it stays visible and debuggable.)
 #
-# The benchmark measures it: the `compiled` row above compiles the decode step with
+# The benchmark measures it: the `compiled` row above compiles the plain model's decode step with
 # `torch.compile(model, dynamic=True)` (dynamic shapes, because the cache length changes every
-# step). Measured here, the compiled model is *slower* at batch 1 than eager PyTorch (see the table
-# above), and the one-off compilation took 42 s on two cores. The compiled graph cannot read the
-# weights faster, and guarding on the changing cache length costs more than the few fused
-# elementwise kernels save. So the engine runs eagerly on the CPU; on a GPU, where launch overhead
-# dominates small decode steps, compiling (or capturing the step in a CUDA graph) is where the win
-# is — measure it there before relying on it.
+# step). Measured here, the compiled model is no faster at batch 1 than eager PyTorch (see the
+# table above), and the one-off compilation takes tens of seconds on two cores: the compiled graph
+# cannot read the weights faster, and guarding on the changing cache length costs about what the
+# fused elementwise kernels save. So the engine runs eagerly, with packed weights, on the CPU; on a
+# GPU, where launch overhead dominates small decode steps, compiling (or capturing the step in a
+# CUDA graph) is where the win is — measure it there before relying on it.
 #
 # ## Summary
 #
@@ -1558,7 +1560,9 @@ else:
 # * `generate(...)`: a batched, KV-cached engine with per-row stopping, shared prompts for
 #   `n` samples, temperature/top-k/top-p sampling, seeded reproducibility, and per-token
 #   log-probs under the model's unmodified distribution;
-# * `stream(...)` for interactive use.
+# * `stream(...)` for interactive use;
+# * `pack_for_cpu(model)`: an inference copy with prepacked weights, identical outputs, faster decoding
+#   on a CPU (later chapters generate with it).
 #
 # Chapter 2 uses this engine to measure how often the model's math answers are right — which first
 # requires deciding what "right" means.

@@ -59,9 +59,11 @@ chapter_start = time.perf_counter()
 
 from rlscratch.data import load_gsm8k
 from rlscratch.evaluate import EvalSettings, evaluate, summarize
+from rlscratch.generate import pack_for_cpu
 from rlscratch.model import load_model
 
 model, tokenizer = load_model(MODEL, device=DEVICE)
+model = pack_for_cpu(model)  # chapter 1: identical outputs, faster decoding on a CPU (no-op elsewhere)
 problems = load_gsm8k("test", limit=N_COT)
 print(f"{len(problems)} GSM8K test problems; model {MODEL}")
 
