@@ -38,20 +38,22 @@ def timed(fn, repeats: int = 1) -> float:
     return best
 
 
-def gemv_bandwidth(rows: int = 4864, cols: int = 7168, repeats: int = 30, packed: bool = False) -> float:
-    """Bytes/s of a bf16 matrix-vector product on a matrix larger than the caches (what decoding does).
+def gemv_bandwidth(packed: bool = False, total_bytes: float = 512e6, repeats: int = 5) -> float:
+    """Bytes/s of bf16 matrix-vector products over weight matrices (4864 x 896, the MLP's shape)
+    totalling far more than the CPU caches, so every product streams its weight from memory.
 
-    packed: the weight prepacked for oneDNN, as `pack_for_cpu` does (no reorder on every call).
+    packed: the weights prepacked for oneDNN, as `pack_for_cpu` does (no reorder on every call).
     """
-    w, x = torch.randn(rows, cols, dtype=torch.bfloat16), torch.randn(1, cols, dtype=torch.bfloat16)
+    count = max(1, int(total_bytes // (4864 * 896 * 2)))
+    weights = [torch.randn(4864, 896, dtype=torch.bfloat16) for _ in range(count)]
+    x = torch.randn(1, 896, dtype=torch.bfloat16)
     if packed:
-        w_packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
-        product = lambda: torch.ops.mkldnn._linear_pointwise(x, w_packed, None, "none", [], "")  # noqa: E731
+        weights = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
+        products = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]  # noqa: E731
     else:
-        product = lambda: x @ w.T  # noqa: E731
-    for _ in range(3):
-        product()
-    return w.numel() * 2 * repeats / timed(lambda: [product() for _ in range(repeats)])
+        products = lambda: [x @ w.T for w in weights]  # noqa: E731
+    products()  # warm-up
+    return count * 4864 * 896 * 2 / timed(products, repeats)
 
 
 def main() -> None:
