@@ -1451,10 +1451,17 @@ class PackedLinear(torch.nn.Module):
 
 
 def can_pack_for_cpu(model: torch.nn.Module) -> bool:
-    """Whether `pack_for_cpu` applies: CPU weights in bfloat16 or float32, PyTorch built with oneDNN."""
+    """Whether `pack_for_cpu` applies: CPU weights in bfloat16 or float32 and a oneDNN that packs them."""
     weight = next(model.parameters())
-    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:  # a tiny probe: some builds/CPUs lack a kernel for this dtype
+        probe = PackedLinear(torch.nn.Linear(8, 8, dtype=weight.dtype))
+        return bool(torch.isfinite(probe(torch.ones(2, 8, dtype=weight.dtype))).all())
+    except RuntimeError:
+        return False
 
 
 def pack_for_cpu(model: Qwen2Model) -> Qwen2Model:
