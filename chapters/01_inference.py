@@ -255,14 +255,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_proj = None  # inference copies (section 5) fuse q/k/v into one product
 
     def forward(self, x, cos, sin, mask, cache=None):
         """x: (B, T, hidden). mask: (B, 1, T, S) bool, True where a query may look at a key."""
         B, T, _ = x.shape
         G = self.n_heads // self.n_kv  # query heads per key/value head
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -271,7 +276,8 @@ class Attention(nn.Module):
             k, v = cache.write(self.layer_index, k, v)  # (B, n_kv, S, D): all keys so far
         # fold the G query heads of each group into the sequence axis: (B, n_kv, G*T, D)
         q = q.view(B, T, self.n_kv, G, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, self.n_kv, G * T, -1)
-        mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+        if T > 1:  # one mask row per folded query row (with T == 1 the mask broadcasts as it is)
+            mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.view(B, self.n_kv, G, T, self.head_dim).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
         return self.o_proj(out)
@@ -283,9 +289,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = None  # inference copies (section 5) fuse gate/up into one product
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -730,7 +741,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from rlscratch.model import Qwen2Model
+from rlscratch.model import MLP, Attention, Qwen2Model
 
 
 @torch.inference_mode()
@@ -1443,19 +1454,23 @@ del plain_weights, packed_weights
 # The packed product gives bit-for-bit the same numbers (it is the same kernel, minus the reorder)
 # and streams the weights markedly faster. `pack_for_cpu` applies this to a whole model: it returns
 # an inference-only copy whose `nn.Linear` layers are replaced by a `PackedLinear` holding the packed
-# weight. The original model is untouched, so it can still be trained; after a training step you
-# pack again (about a second for 0.5B parameters).
+# weight. While it is at it, it **fuses** the products that read the same input: q, k and v become
+# one 896 → 1152 product, gate and up one 896 → 9728 product (the `qkv_proj` / `gate_up_proj`
+# branches in `Attention` and `MLP` above). Each output number is still the same dot product, but
+# one large product streams memory better than three small ones and saves 72 calls per step. The
+# original model is untouched, so it can still be trained; after a training step you pack again
+# (about a second for 0.5B parameters).
 
 # %%
 #| export: generate
 class PackedLinear(torch.nn.Module):
     """Inference-only stand-in for `nn.Linear`: the weight is reordered once into oneDNN's blocked layout."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 16)  # 16: batch hint
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.out_features, self.in_features = weight.shape
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # 16: batch-size hint
+        self.bias = None if bias is None else bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
@@ -1469,25 +1484,39 @@ def can_pack_for_cpu(model: torch.nn.Module) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     try:  # a tiny probe: some builds/CPUs lack a kernel for this dtype
-        probe = PackedLinear(torch.nn.Linear(8, 8, dtype=weight.dtype))
+        probe = PackedLinear(torch.ones(8, 8, dtype=weight.dtype))
         return bool(torch.isfinite(probe(torch.ones(2, 8, dtype=weight.dtype))).all())
     except RuntimeError:
         return False
 
 
-def pack_for_cpu(model: Qwen2Model) -> Qwen2Model:
-    """An inference-only copy of `model` whose Linear weights are prepacked for oneDNN: same outputs, faster.
+def _concat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensors[0] is None else torch.cat([t.detach() for t in tensors])
 
-    The copy cannot be trained and does not follow later updates of `model`: pack again after
-    training steps. Where packing does not apply (see `can_pack_for_cpu`) `model` itself is returned.
+
+def pack_for_cpu(model: Qwen2Model) -> Qwen2Model:
+    """An inference-only copy of `model` with prepacked oneDNN weights and fused q/k/v and gate/up products.
+
+    Same outputs, faster decoding on a CPU. The copy cannot be trained and does not follow later
+    updates of `model`: pack again after training steps. Where packing does not apply (see
+    `can_pack_for_cpu`) `model` itself is returned.
     """
     if not can_pack_for_cpu(model):
         return model
     fast = copy.deepcopy(model)
     for module in list(fast.modules()):
+        if isinstance(module, Attention):
+            projections = (module.q_proj, module.k_proj, module.v_proj)
+            module.qkv_proj = PackedLinear(_concat(*(p.weight for p in projections)),
+                                           _concat(*(p.bias for p in projections)))
+            module.q_proj = module.k_proj = module.v_proj = None
+        elif isinstance(module, MLP):
+            module.gate_up_proj = PackedLinear(_concat(module.gate_proj.weight, module.up_proj.weight))
+            module.gate_proj = module.up_proj = None
+    for module in list(fast.modules()):
         for name, child in module.named_children():
             if isinstance(child, torch.nn.Linear):
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, PackedLinear(child.weight, child.bias))
     return fast.eval()
 
 

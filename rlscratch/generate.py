@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from rlscratch.model import Qwen2Model
+from rlscratch.model import MLP, Attention, Qwen2Model
 
 
 @torch.inference_mode()
@@ -303,11 +303,11 @@ def stream(
 class PackedLinear(torch.nn.Module):
     """Inference-only stand-in for `nn.Linear`: the weight is reordered once into oneDNN's blocked layout."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 16)  # 16: batch hint
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.out_features, self.in_features = weight.shape
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # 16: batch-size hint
+        self.bias = None if bias is None else bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
@@ -321,23 +321,37 @@ def can_pack_for_cpu(model: torch.nn.Module) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     try:  # a tiny probe: some builds/CPUs lack a kernel for this dtype
-        probe = PackedLinear(torch.nn.Linear(8, 8, dtype=weight.dtype))
+        probe = PackedLinear(torch.ones(8, 8, dtype=weight.dtype))
         return bool(torch.isfinite(probe(torch.ones(2, 8, dtype=weight.dtype))).all())
     except RuntimeError:
         return False
 
 
-def pack_for_cpu(model: Qwen2Model) -> Qwen2Model:
-    """An inference-only copy of `model` whose Linear weights are prepacked for oneDNN: same outputs, faster.
+def _concat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensors[0] is None else torch.cat([t.detach() for t in tensors])
 
-    The copy cannot be trained and does not follow later updates of `model`: pack again after
-    training steps. Where packing does not apply (see `can_pack_for_cpu`) `model` itself is returned.
+
+def pack_for_cpu(model: Qwen2Model) -> Qwen2Model:
+    """An inference-only copy of `model` with prepacked oneDNN weights and fused q/k/v and gate/up products.
+
+    Same outputs, faster decoding on a CPU. The copy cannot be trained and does not follow later
+    updates of `model`: pack again after training steps. Where packing does not apply (see
+    `can_pack_for_cpu`) `model` itself is returned.
     """
     if not can_pack_for_cpu(model):
         return model
     fast = copy.deepcopy(model)
     for module in list(fast.modules()):
+        if isinstance(module, Attention):
+            projections = (module.q_proj, module.k_proj, module.v_proj)
+            module.qkv_proj = PackedLinear(_concat(*(p.weight for p in projections)),
+                                           _concat(*(p.bias for p in projections)))
+            module.q_proj = module.k_proj = module.v_proj = None
+        elif isinstance(module, MLP):
+            module.gate_up_proj = PackedLinear(_concat(module.gate_proj.weight, module.up_proj.weight))
+            module.gate_proj = module.up_proj = None
+    for module in list(fast.modules()):
         for name, child in module.named_children():
             if isinstance(child, torch.nn.Linear):
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, PackedLinear(child.weight, child.bias))
     return fast.eval()

@@ -107,14 +107,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_proj = None  # inference copies (section 5) fuse q/k/v into one product
 
     def forward(self, x, cos, sin, mask, cache=None):
         """x: (B, T, hidden). mask: (B, 1, T, S) bool, True where a query may look at a key."""
         B, T, _ = x.shape
         G = self.n_heads // self.n_kv  # query heads per key/value head
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -123,7 +128,8 @@ class Attention(nn.Module):
             k, v = cache.write(self.layer_index, k, v)  # (B, n_kv, S, D): all keys so far
         # fold the G query heads of each group into the sequence axis: (B, n_kv, G*T, D)
         q = q.view(B, T, self.n_kv, G, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, self.n_kv, G * T, -1)
-        mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+        if T > 1:  # one mask row per folded query row (with T == 1 the mask broadcasts as it is)
+            mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.view(B, self.n_kv, G, T, self.head_dim).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
         return self.o_proj(out)
@@ -135,9 +141,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = None  # inference copies (section 5) fuse gate/up into one product
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -465,6 +465,7 @@ def _lists_match(preds: list[str], golds: list[str], ordered: bool) -> bool:
 
 
 def _matrix(s: str) -> list[list[str]] | None:
+    s = re.sub(r"^\s*(?:[a-zA-Z]|\\mathbf\{[a-zA-Z]\}|\\vec\{[a-zA-Z]\})\s*=\s*(?=\\begin)", "", s)  # "v = (matrix)"
     m = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s, flags=re.S)
     return None if m is None else [[c.strip() for c in row.split("&")] for row in m.group(1).split("\\\\") if row.strip()]
 

@@ -162,7 +162,9 @@ def test_packed_model_matches_plain(tokenizer, prompts, dtype, tied):
     model = Qwen2Model(tiny_config(vocab_size=len(tokenizer), tie_word_embeddings=tied)).to(dtype).eval()
     fast = pack_for_cpu(model)
     assert fast is not model
-    assert isinstance(fast.lm_head, PackedLinear) and isinstance(fast.layers[0].mlp.up_proj, PackedLinear)
+    assert isinstance(fast.lm_head, PackedLinear) and isinstance(fast.layers[0].mlp.gate_up_proj, PackedLinear)
+    assert isinstance(fast.layers[0].self_attn.qkv_proj, PackedLinear) and fast.layers[0].self_attn.q_proj is None
+    assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
     ids = torch.tensor([tokenizer.encode(prompts[1])])
     with torch.inference_mode():
         plain, packed = model(ids).float(), fast(ids).float()
@@ -174,6 +176,7 @@ def test_packed_model_matches_plain(tokenizer, prompts, dtype, tied):
         assert [c.token_ids for c in greedy_plain] == [c.token_ids for c in greedy_packed]
     # the original is untouched and still trainable
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.requires_grad
+    assert model.layers[0].self_attn.qkv_proj is None and model.layers[0].mlp.gate_up_proj is None
     model(ids).float().sum().backward()
     assert model.layers[0].mlp.up_proj.weight.grad is not None
 

@@ -44,10 +44,12 @@ EQUIVALENT = [
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"), ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt2}"),
     ("\\text{(A)}", "A"), ("Monday", "\\text{monday}"), ("4!", "24"), ("2^{10}", "1024"), ("-\\frac{\\pi}{6}", "-\\pi/6"),
     ("0.1 + 0.2", "0.3"), ("\\sqrt[3]{8}", "2"),
+    ("\\mathbf{v} = \\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\-2\\end{pmatrix}"),
 ]
 DIFFERENT = [
     ("0.33", "\\frac{1}{3}"), ("[1, 2]", "[1, 2)"), ("(1, 2)", "(2, 1)"), ("1, 2", "1, 2, 3"), ("x^2+1", "(x+1)^2"),
     ("6 - 9i", "6 + 9i"), ("71", "72"), ("\\pi", "3.14"), ("y = x", "y = 2x"), ("A", "B"), ("", "1"), ("5", ""),
+    ("x = \\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}2\\\\1\\end{pmatrix}"),
 ]
 
 
