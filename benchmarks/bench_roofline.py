@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
