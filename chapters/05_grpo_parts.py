@@ -24,7 +24,7 @@
 #
 # **Group Relative Policy Optimization** (GRPO, Shao et al. 2024, the DeepSeekMath paper) is PPO
 # (Schulman et al. 2017) with the value network replaced by a simple baseline: the mean reward of
-# the other answers to the same question. Its loss is built from a handful of parts, and this
+# all the answers sampled for the same question. Its loss is built from a handful of parts, and this
 # chapter builds each one as a small function on tensors, derives why it has the form it has, and
 # checks it on examples small enough to do by hand:
 #

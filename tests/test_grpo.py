@@ -368,6 +368,20 @@ def test_sequence_logprobs_match_full_logits(tied):
     assert not frozen.requires_grad and torch.allclose(frozen, ours.detach())
 
 
+def test_sequence_logprobs_with_the_models_own_checkpointing():
+    """The model's block checkpointing (for training memory) composes with the head's chunk checkpointing."""
+    batch = completion_batch([[5, 9, 2], [3]], [[11, 12, 13], [14, 15]], pad_id=0)
+    grads = []
+    for flag in (False, True):
+        model = make_small_model(tied=False)
+        model.gradient_checkpointing = flag
+        out = sequence_logprobs(model, *batch[:3], chunk_size=2)
+        out.sum().backward()
+        grads.append((out.detach(), [p.grad for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
 def test_sequence_logprobs_keeps_one_chunk_of_logits(small_model):
     """Autograd saves no vocabulary-wide tensor: the chunks are checkpointed."""
     batch = completion_batch([[1, 2, 3]] * 4, [list(range(10, 40))] * 4, pad_id=0)
