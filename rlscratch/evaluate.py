@@ -17,7 +17,7 @@ from rlscratch.data import Problem
 from rlscratch.generate import generate
 from rlscratch.prompts import format_prompt, stop_strings
 from rlscratch.results import results_dir
-from rlscratch.verify import FALLBACK_RULES, answers_match, extract
+from rlscratch.verify import score_response
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,33 +36,33 @@ class EvalSettings:
 
 
 def grade_record(record: dict) -> dict:
-    """(Re)compute a record's extracted answers, rules and correctness from its responses.
-
-    A response cut off by the token limit only counts if it stated an answer (e.g. a \\boxed{}):
-    a fallback guess from a truncated response is recorded as no answer (rule "truncated").
-    """
-    extracted, rules, correct = [], [], []
-    for text, finish in zip(record["responses"], record["finish"]):
-        found = extract(text)
-        answer, rule = found.answer, found.rule
-        if finish == "length" and rule in FALLBACK_RULES:
-            answer, rule = None, "truncated"
-        extracted.append(answer)
-        rules.append(rule)
-        correct.append(answers_match(answer, record["gold"]))
-    record.update(extracted=extracted, rules=rules, correct=correct)
+    """(Re)compute a record's extracted answers, rules and correctness from its responses, with the
+    book's one scoring rule (`rlscratch.verify.score_response`): a response cut off by the token limit
+    only counts if it stated an answer; a fallback guess from it is recorded as no answer ("truncated")."""
+    scores = [score_response(text, record["gold"], truncated=finish == "length")
+              for text, finish in zip(record["responses"], record["finish"])]
+    record.update(extracted=[s.answer for s in scores], rules=[s.rule for s in scores], correct=[s.correct for s in scores])
     return record
 
 
 def _load_records(path: Path) -> dict[str, dict]:
-    records = {}
+    """The run's records, graded by the current verifier. If that changes any verdict, the file is
+    rewritten, so the records on disk always agree with what the harness reports."""
+    records, stale = {}, False
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by an interruption: redo that problem
+                stale = True
                 continue
-            records[record["id"]] = grade_record(record)  # graded by the current verifier
+            before = (record.get("extracted"), record.get("rules"), record.get("correct"))
+            records[record["id"]] = grade_record(record)
+            stale |= before != (record["extracted"], record["rules"], record["correct"])
+    if stale and records:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()), encoding="utf-8")
+        os.replace(tmp, path)
     return records
 
 

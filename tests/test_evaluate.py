@@ -76,6 +76,7 @@ def test_record_contents(tiny_model, tokenizer, tmp_path):
 
 
 def test_truncated_fallback_is_not_an_answer():
+    """grade_record applies rlscratch.verify.score_response (tested against grade() in test_verify.py)."""
     base = {"gold": "4", "responses": ["... and so on, 2 + 2 = 4"]}
     assert E.grade_record({**base, "finish": ["stop"]})["correct"] == [True]
     cut = E.grade_record({**base, "finish": ["length"]})
@@ -93,6 +94,8 @@ def test_loaded_runs_are_regraded(tiny_model, tokenizer, tmp_path):
     log.write_text(json.dumps({**record, "correct": ["stale"], "extracted": ["stale"]}) + "\n")
     [again] = E.evaluate(tiny_model, tokenizer, PROBLEMS[:1], settings, run_dir=tmp_path, progress=False)
     assert again["correct"] == record["correct"] and again["extracted"] == record["extracted"]
+    on_disk = [json.loads(line) for line in log.read_text().splitlines()]  # the stale verdict was rewritten
+    assert len(on_disk) == 1 and on_disk[0]["correct"] == record["correct"] and on_disk[0]["responses"] == record["responses"]
 
 
 def test_run_names_differ_with_settings():
