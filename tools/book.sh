@@ -14,6 +14,7 @@ if [ "${1:-}" = "lab" ]; then
 fi
 for nb in chapters/[0-9][0-9]_*.ipynb; do
   echo "== $nb"
+  python tools/export.py >/dev/null  # the package matches the notebooks before each chapter imports it
   python -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 "$nb"
   python -m jupytext --sync "$nb" >/dev/null
 done
