@@ -123,7 +123,7 @@ import sympy
 from mpmath.ctx_iv import MPIntervalContext
 
 MAX_ANSWER_CHARS = 300  # longer "answers" are compared as strings only
-TIME_LIMIT_S = 0.1  # per comparison, on any thread (a deadline the work checks as it goes)
+TIME_LIMIT_S = 0.1  # CPU seconds per comparison, on any thread (a deadline the work checks as it goes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,10 +423,12 @@ assert normalize_answer("18 \\text{ or } 20") == "18 or 20"  # two answers, not 
 #    may have at most 2,000 digits, a factorial at most 500!, an exponential must stay below
 #    10^10,000, interval arithmetic (4.3) at most 40,000 bits of precision. What fails a check is
 #    refused, not attempted. Each remaining step then takes at most milliseconds.
-# 2. **A deadline checked as the work goes.** `answers_match` gives each call a deadline
+# 2. **A deadline checked as the work goes.** `answers_match` gives each call a budget
 #    (`TIME_LIMIT_S`, 0.1 s), stored per thread; the parser and the comparison call `_tick()` at
-#    every token, node and point, and give up when it has passed. Because every single step is
-#    short, checking between steps bounds the whole call.
+#    every token, node and point, and give up when it is spent. Because every single step is
+#    short, checking between steps bounds the whole call. The budget is counted in the thread's
+#    own CPU time, not in wall-clock time: on a busy machine a comparison may take longer, but it
+#    does the same work and reaches the same verdict, which matters for a reward.
 #
 # Whatever cannot be decided in time counts as *no match*: a reward of 0 for an answer we could not
 # check is the safe side.
@@ -449,18 +451,22 @@ _state = threading.local()  # per-thread deadline and interval-arithmetic contex
 
 
 def _tick() -> None:
-    """Raise _OutOfTime once the current call's deadline has passed (checked often, costs ~0.1 us)."""
+    """Raise _OutOfTime once this thread has used up the CPU time of the current call.
+
+    The clock is the thread's own CPU time, so a verdict does not depend on how busy the machine is.
+    Reading it costs about half a microsecond, so the cheap wall clock is read first: until wall time
+    has passed the deadline, CPU time cannot have."""
     deadline = getattr(_state, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline:
+    if deadline is not None and time.monotonic() > deadline[0] and time.thread_time() > deadline[1]:
         raise _OutOfTime
 
 
 @contextmanager
 def _time_limit(seconds: float):
-    """Give the code inside a deadline that `_tick` enforces, on whatever thread it runs."""
+    """Give the code inside a deadline of `seconds` of CPU time that `_tick` enforces, on any thread."""
     previous = getattr(_state, "deadline", None)
-    deadline = time.monotonic() + seconds
-    _state.deadline = deadline if previous is None else min(previous, deadline)
+    deadline = (time.monotonic() + seconds, time.thread_time() + seconds)
+    _state.deadline = deadline if previous is None else (min(previous[0], deadline[0]), min(previous[1], deadline[1]))
     try:
         yield
     finally:
@@ -1434,7 +1440,7 @@ def _scalar_match(pred: str, gold: str) -> bool:
         lhs, rhs = pe or ge
         if not re.fullmatch(r"[a-zA-Z]|\\(?:" + "|".join(_GREEK) + ")", lhs):
             return False
-        return _scalar_match(rhs, gold) if pe else _scalar_match(pred, rhs)
+        return _match(rhs, gold) if pe else _match(pred, rhs)
     pr, gr = _relation(pred), _relation(gold)
     if pr or gr:
         if pr and gr and len(pr[1]) == len(gr[1]) == 1:
@@ -1565,8 +1571,8 @@ def _match(pred: str, gold: str) -> bool:
 
 
 def answers_match(pred: str | None, gold: str | None) -> bool:
-    """True if two answer strings denote the same mathematical object. Never raises; returns within
-    about TIME_LIMIT_S on any thread (what cannot be decided by then counts as no match)."""
+    """True if two answer strings denote the same mathematical object. Never raises; uses at most about
+    TIME_LIMIT_S of CPU time, on any thread (what cannot be decided by then counts as no match)."""
     if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
         return False
     if len(pred) > 20 * MAX_ANSWER_CHARS or len(gold) > 20 * MAX_ANSWER_CHARS:
@@ -2017,6 +2023,15 @@ def stop_strings(template: str) -> list[str] | None:
 # generating anything again; when that changes a verdict, the file is rewritten with the new
 # grades, so the records on disk always say what the chapter reports.
 #
+# A run is identified by its settings (`EvalSettings`): the template, the sampling parameters, the
+# token limit, the seed, and the **weights**. The model's name is not enough: chapters 5 and 6 train
+# the model, and a trained checkpoint must never be served the records of the model it started
+# from. `evaluate` therefore adds the weights' SHA-256 (`weights_fingerprint`, chapter 1: the
+# checkpoint file's hash for a freshly loaded model, a hash of the tensors once they change) to the
+# settings, and so to the run's file name. Sampling is reproducible per problem: problem `p` draws
+# from the seed `derive_seed(seed, p.id)`, so a run that was interrupted and resumed, or run with
+# another batch size, produces exactly the samples of one uninterrupted run.
+#
 # `summarize` turns records into the numbers we report: accuracy with a **Wilson 95% confidence
 # interval** (better behaved than ±1.96·√(p(1−p)/n) for small n or extreme p), accuracy per
 # difficulty level and subject, mean response length, extraction rate, and throughput.
@@ -2036,7 +2051,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from rlscratch.data import Problem
-from rlscratch.generate import generate
+from rlscratch.generate import derive_seed, generate
+from rlscratch.model import weights_fingerprint
 from rlscratch.prompts import format_prompt, stop_strings
 from rlscratch.results import results_dir
 from rlscratch.verify import score_response
@@ -2044,6 +2060,11 @@ from rlscratch.verify import score_response
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
+    """What a run is: its records are reused only for exactly these settings.
+
+    `model` is a readable name; `weights` is what identifies the model: the SHA-256 of its weights
+    (`rlscratch.model.weights_fingerprint`), filled in by `evaluate` when left empty, so a trained
+    checkpoint never reuses the records of the model it started from."""
     model: str
     template: str = "chat"
     max_new_tokens: int = 512
@@ -2051,6 +2072,7 @@ class EvalSettings:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
+    weights: str | None = None
 
     def run_name(self, dataset: str) -> str:
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -2090,12 +2112,17 @@ def _load_records(path: Path) -> dict[str, dict]:
 
 def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, *, batch_size: int = 16,
              run_dir: Path | None = None, progress: bool = True) -> list[dict]:
-    """Evaluate `problems`, resuming from (and appending to) the run's JSONL file. Returns records in order."""
+    """Evaluate `problems`, resuming from (and appending to) the run's JSONL file. Returns records in order.
+
+    Sampling is reproducible per problem: problem p draws from seed derive_seed(settings.seed, p.id), so an
+    interrupted and resumed run, or one with another batch size, gives the same samples as a single run."""
     if not problems:
         raise ValueError("no problems to evaluate")
     datasets = {p.dataset for p in problems}
     if len(datasets) != 1:
         raise ValueError(f"one dataset per run, got {sorted(datasets)}")
+    if settings.weights is None:
+        settings = dataclasses.replace(settings, weights=weights_fingerprint(model))
     run_dir = Path(run_dir or results_dir() / "runs")
     run_dir.mkdir(parents=True, exist_ok=True)
     name = settings.run_name(datasets.pop())
@@ -2118,7 +2145,7 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     for start in range(0, len(todo), per_batch):
         chunk = todo[start:start + per_batch]
         prompts = [format_prompt(tokenizer, p.question, settings.template) for p in chunk]
-        seed = None if settings.temperature == 0 else settings.seed + len(done) + start
+        seed = None if settings.temperature == 0 else [derive_seed(settings.seed, p.id) for p in chunk]
         t0 = time.perf_counter()
         completions = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
@@ -2193,10 +2220,11 @@ def summarize(records: list[dict]) -> dict:
 from pathlib import Path
 
 from rlscratch.generate import generate, pack_for_cpu
-from rlscratch.model import load_model
+from rlscratch.model import load_model, weights_fingerprint
 
 model, tokenizer = load_model(MODEL, device=DEVICE)
 model = pack_for_cpu(model)  # chapter 1: identical outputs, faster decoding on a CPU (no-op elsewhere)
+print("weights:", weights_fingerprint(model))  # part of every run's key
 scratch = Path(tempfile.mkdtemp())
 check = EvalSettings(model=MODEL, max_new_tokens=8)
 first = evaluate(model, tokenizer, gsm8k[:2], check, run_dir=scratch, progress=False)

@@ -19,7 +19,7 @@ import sympy
 from mpmath.ctx_iv import MPIntervalContext
 
 MAX_ANSWER_CHARS = 300  # longer "answers" are compared as strings only
-TIME_LIMIT_S = 0.1  # per comparison, on any thread (a deadline the work checks as it goes)
+TIME_LIMIT_S = 0.1  # CPU seconds per comparison, on any thread (a deadline the work checks as it goes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,18 +254,22 @@ _state = threading.local()  # per-thread deadline and interval-arithmetic contex
 
 
 def _tick() -> None:
-    """Raise _OutOfTime once the current call's deadline has passed (checked often, costs ~0.1 us)."""
+    """Raise _OutOfTime once this thread has used up the CPU time of the current call.
+
+    The clock is the thread's own CPU time, so a verdict does not depend on how busy the machine is.
+    Reading it costs about half a microsecond, so the cheap wall clock is read first: until wall time
+    has passed the deadline, CPU time cannot have."""
     deadline = getattr(_state, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline:
+    if deadline is not None and time.monotonic() > deadline[0] and time.thread_time() > deadline[1]:
         raise _OutOfTime
 
 
 @contextmanager
 def _time_limit(seconds: float):
-    """Give the code inside a deadline that `_tick` enforces, on whatever thread it runs."""
+    """Give the code inside a deadline of `seconds` of CPU time that `_tick` enforces, on any thread."""
     previous = getattr(_state, "deadline", None)
-    deadline = time.monotonic() + seconds
-    _state.deadline = deadline if previous is None else min(previous, deadline)
+    deadline = (time.monotonic() + seconds, time.thread_time() + seconds)
+    _state.deadline = deadline if previous is None else (min(previous[0], deadline[0]), min(previous[1], deadline[1]))
     try:
         yield
     finally:
@@ -1127,7 +1131,7 @@ def _scalar_match(pred: str, gold: str) -> bool:
         lhs, rhs = pe or ge
         if not re.fullmatch(r"[a-zA-Z]|\\(?:" + "|".join(_GREEK) + ")", lhs):
             return False
-        return _scalar_match(rhs, gold) if pe else _scalar_match(pred, rhs)
+        return _match(rhs, gold) if pe else _match(pred, rhs)
     pr, gr = _relation(pred), _relation(gold)
     if pr or gr:
         if pr and gr and len(pr[1]) == len(gr[1]) == 1:
@@ -1258,8 +1262,8 @@ def _match(pred: str, gold: str) -> bool:
 
 
 def answers_match(pred: str | None, gold: str | None) -> bool:
-    """True if two answer strings denote the same mathematical object. Never raises; returns within
-    about TIME_LIMIT_S on any thread (what cannot be decided by then counts as no match)."""
+    """True if two answer strings denote the same mathematical object. Never raises; uses at most about
+    TIME_LIMIT_S of CPU time, on any thread (what cannot be decided by then counts as no match)."""
     if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
         return False
     if len(pred) > 20 * MAX_ANSWER_CHARS or len(gold) > 20 * MAX_ANSWER_CHARS:
