@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import random
 import re
 import threading
@@ -253,27 +254,49 @@ class _OutOfTime(Exception):
 _state = threading.local()  # per-thread deadline and interval-arithmetic context
 
 
-def _tick() -> None:
-    """Raise _OutOfTime once this thread has used up the CPU time of the current call.
+def _work_clock() -> float:
+    """CPU seconds this thread has spent, not counting garbage collection (which is not our work, and
+    in a large process one collection can take a tenth of a second)."""
+    return time.thread_time() - getattr(_state, "gc_seconds", 0.0)
 
-    The clock is the thread's own CPU time, so a verdict does not depend on how busy the machine is.
-    Reading it costs about half a microsecond, so the cheap wall clock is read first: until wall time
-    has passed the deadline, CPU time cannot have."""
+
+def _count_garbage_collection(phase: str, info: dict) -> None:
+    if phase == "start":
+        _state.gc_start = time.thread_time()
+    elif getattr(_state, "gc_start", None) is not None:
+        _state.gc_seconds = getattr(_state, "gc_seconds", 0.0) + time.thread_time() - _state.gc_start
+        _state.gc_start = None
+
+
+gc.callbacks.append(_count_garbage_collection)
+
+
+def _tick() -> None:
+    """Raise _OutOfTime once this thread has spent the CPU time of the current call.
+
+    The clock is the thread's own work, so a verdict does not depend on how busy the machine is.
+    Reading it costs about a microsecond, so the cheap wall clock is read first: until wall time has
+    passed the deadline, the work clock cannot have."""
     deadline = getattr(_state, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline[0] and time.thread_time() > deadline[1]:
+    if deadline is not None and time.monotonic() > deadline[0] and _work_clock() > deadline[1]:
         raise _OutOfTime
+
+
+_ONE_AT_A_TIME = threading.RLock()  # mpmath and SymPy keep caches that two threads must not update at once
 
 
 @contextmanager
 def _time_limit(seconds: float):
-    """Give the code inside a deadline of `seconds` of CPU time that `_tick` enforces, on any thread."""
-    previous = getattr(_state, "deadline", None)
-    deadline = (time.monotonic() + seconds, time.thread_time() + seconds)
-    _state.deadline = deadline if previous is None else (min(previous[0], deadline[0]), min(previous[1], deadline[1]))
-    try:
-        yield
-    finally:
-        _state.deadline = previous
+    """Run the code inside alone (see _ONE_AT_A_TIME) with a budget of `seconds` of CPU time that `_tick`
+    enforces, on any thread. Python runs one thread at a time anyway, so the lock costs no speed."""
+    with _ONE_AT_A_TIME:
+        previous = getattr(_state, "deadline", None)
+        deadline = (time.monotonic() + seconds, _work_clock() + seconds)
+        _state.deadline = deadline if previous is None else (min(previous[0], deadline[0]), min(previous[1], deadline[1]))
+        try:
+            yield
+        finally:
+            _state.deadline = previous
 
 
 _FUNCTIONS = {"sqrt": sympy.sqrt, "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot,

@@ -1,4 +1,5 @@
 import builtins
+import gc
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -304,3 +305,30 @@ def test_threads_agree_with_a_single_thread():
     sequential = [answers_match(p, g) for p, g in cases]
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(lambda c: answers_match(*c), cases)) == sequential
+
+
+def test_garbage_collection_does_not_count_against_the_budget(monkeypatch):
+    """In a big process one garbage collection can take longer than the whole budget; it is not the
+    verifier's work and must not turn a right answer into a timeout."""
+    collecting = []
+
+    def slow_collection(phase, info):  # a collection that costs 0.3 s of CPU, more than TIME_LIMIT_S
+        if phase == "start" and collecting:
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < 0.3:
+                pass
+
+    real = V._same_value
+
+    def with_a_collection(a, b):
+        collecting.append(1)
+        gc.collect()
+        collecting.clear()
+        return real(a, b)
+
+    monkeypatch.setattr(V, "_same_value", with_a_collection)
+    gc.callbacks.append(slow_collection)
+    try:
+        assert answers_match("\\sqrt{3+2\\sqrt{2}}", "1+\\sqrt{2}")
+    finally:
+        gc.callbacks.remove(slow_collection)
