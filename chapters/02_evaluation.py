@@ -867,9 +867,10 @@ for pred, gold in near_misses:
 # * Irrational values (`3\sqrt{13}`, `\cos\frac{\pi}{12}`) are evaluated with **interval
 #   arithmetic** (mpmath's `iv` context): each side becomes an interval that is guaranteed to contain
 #   its exact value. If the two intervals do not overlap, the values differ, and that is a proof,
-#   not an estimate. If they overlap even at a precision of at least 1,200 bits (about 360 digits)
-#   beyond the largest intermediate value, we call them equal; two different answers of a few
-#   hundred characters that agree to 360 digits would have to be constructed for the purpose.
+#   not an estimate. If they still overlap at a precision of 1,200 bits (about 360 digits), or
+#   300 bits more than the size of the largest intermediate value if that is more, we call them
+#   equal: two different answers of a few hundred characters that agree to 90 digits after the
+#   largest of their parts would have to be constructed for the purpose.
 #   A tiny number is never "about zero": its interval is tiny but does not contain zero.
 # * Expressions with variables are compared at random rational points (both signs, so `\sqrt{x^2}`
 #   is not `x`): equal only if they agree at four points. A polynomial identity that holds at four
