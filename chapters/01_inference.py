@@ -113,6 +113,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -337,6 +338,11 @@ class Block(nn.Module):
 #
 # `last_only=True` computes logits only for the final position. During generation that is all we
 # need, and it skips most of the most expensive matrix in the model: the 896 × 151,936 output head.
+# Two switches serve training (chapters 5-6): `return_hidden=True` returns the normalized hidden
+# states instead of logits, so a caller can apply that head a few positions at a time instead of
+# materialising a (batch × length × 151,936) tensor; and `gradient_checkpointing = True` keeps only
+# each block's input during the forward pass and recomputes the rest in the backward pass, trading
+# about a third more compute for much less activation memory.
 
 # %%
 #| export: model
@@ -352,6 +358,7 @@ class Qwen2Model(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False  # training: recompute each block in the backward pass to save memory
 
     def forward(
         self,
@@ -379,7 +386,10 @@ class Qwen2Model(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(new_valid)
         if last_only:

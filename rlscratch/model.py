@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -177,6 +178,7 @@ class Qwen2Model(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False  # training: recompute each block in the backward pass to save memory
 
     def forward(
         self,
@@ -204,7 +206,10 @@ class Qwen2Model(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(new_valid)
         if last_only:

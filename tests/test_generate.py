@@ -319,3 +319,15 @@ def test_kv_cache_follows_autocast(tiny_model):
     assert compute_dtype(tiny_model) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compute_dtype(tiny_model) == torch.bfloat16
+
+
+def test_generation_under_autocast_with_float32_master_weights(tokenizer, prompts):
+    """The training setting: float32 weights, bf16 autocast; cache and packing follow autocast."""
+    model = pack_for_cpu(_tiny(tokenizer))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, n=2, seed=3)
+        again = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, n=2, seed=3)
+    assert len(out) == 6 and all(len(o.token_ids) == len(o.logprobs) >= 1 for o in out)
+    assert all(torch.isfinite(torch.tensor(o.logprobs)).all() for o in out)
+    assert [o.token_ids for o in out] == [o.token_ids for o in again]
+    assert all(p.dtype == torch.float32 for p in model.parameters())

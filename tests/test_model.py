@@ -231,3 +231,19 @@ def test_offline_parts_are_found_without_importing_them():
             "assert not any(m.startswith('pandas_sns') for m in sys.modules); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, model = hf_pair("qwen2")
+    ids = torch.randint(0, 512, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        model(ids, attention_mask=mask).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    model.gradient_checkpointing = False
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
