@@ -58,9 +58,10 @@
 # %% [markdown]
 # ## 0. Parameters
 #
-# Most of this chapter works on small tensors and runs in seconds anywhere. Only section 1 uses a
-# real model, for a handful of short completions. With `RLSCRATCH_SMOKE=1` a tiny random-weight
-# model stands in for it.
+# Most of this chapter works on small tensors and runs in seconds anywhere. Sections 1 and 7 use
+# the real model: section 1 for a handful of short completions, section 7 for a first training run
+# (about 10 minutes of a 2-core CPU; its record is cached in `data/results/`, so re-executing the
+# chapter takes about a minute). With `RLSCRATCH_SMOKE=1` a tiny random-weight model stands in.
 
 # %%
 import math
@@ -471,8 +472,9 @@ assert (ours - b.logprobs)[mask].abs().max() < (0.5 if dtype == torch.bfloat16 e
 #
 # The reward is the verifier of chapter 2: 1 if the final answer of the completion is equivalent to
 # the reference answer, 0 otherwise. It needs no reward model and cannot be flattered by style. We use
-# the package's `rlscratch.verify.grade`, the same function that scored every evaluation so far, so
-# training optimises exactly the number the benchmarks report.
+# the package's `rlscratch.verify.grade`, the same rule that scored every evaluation so far (a
+# response cut off by the token limit earns nothing for a guessed last number: pass
+# `truncated=True`), so training optimises exactly the number the benchmarks report.
 
 # %%
 from rlscratch.verify import grade
@@ -586,7 +588,8 @@ runs = sorted((results_dir() / "runs").glob("gsm8k-step_by_step-t0.3-n20-*.jsonl
 assert runs, "chapter 3's self-consistency records are missing"
 records = [json.loads(line) for line in runs[0].read_text().splitlines() if line.strip()]
 correct = torch.tensor([r["correct"] for r in records], dtype=torch.float64)  # (problems, 20)
-regraded = [[grade(text, r["gold"]) for text in r["responses"]] for r in records[:5]]
+regraded = [[grade(text, r["gold"], truncated=finish == "length") for text, finish in zip(r["responses"], r["finish"])]
+            for r in records[:5]]
 assert regraded == [r["correct"] for r in records[:5]]
 per_problem = correct.mean(1)
 print(f"{runs[0].name}: {len(records)} problems x {correct.shape[1]} samples, mean accuracy {per_problem.mean():.1%}")
@@ -880,10 +883,8 @@ for kind, target in (("k1", torch.zeros(6, dtype=torch.float64)), ("k2", true_fo
 print(f"grad KL(pi||ref) {true_forward.numpy().round(4)}\ngrad KL(ref||pi) {true_reverse.numpy().round(4)}")
 
 # %% [markdown]
-# > **Placeholder (the lead will add this): the KL table on the real model.** The table of section
-# > 4.1 again, on tokens sampled from the real model at temperature 1, with $\pi_{\text{ref}}$ a
-# > checkpoint after some training steps (or the same model at another temperature), comparing k1,
-# > k2 and k3 per token against the exact KL computed from both full distributions at each position.
+# The same comparison on the real model needs a policy that has moved away from its reference; we
+# get one in section 7, after a short training run, and repeat the table there on real tokens.
 
 # %% [markdown]
 # ## 5. Putting the loss together, and how to average it
@@ -1373,6 +1374,27 @@ for label, record in (("before", before), ("after", after)):
         print(f"{label}: {text[:160]!r}")
 
 # %% [markdown]
+# **What it learned.** On the 64 held-out problems, greedy accuracy went from 12.5% (8 of 64) to
+# 28.1% (18 of 64); a two-proportion test gives p ≈ 0.03 (unpaired: the run kept only the totals, so
+# we cannot pair problems; for paired data this test is usually the conservative one). The mechanism
+# is visible in the other rows: before training three answers in four ran out of the 64-token budget
+# while explaining the multiplication, and a truncated answer earns nothing; after sixteen steps
+# *no* answer is truncated, the mean length fell from about 59 to 14 tokens, and the model states a
+# product directly ("69 × 95 equals 6505.", wrong by 50). It also stopped using `\boxed{}`, which
+# the reward never required: the chapter 2 verifier accepts a final number without a box when the
+# response is complete. So GRPO found the cheapest way to earn this reward, *finish within budget
+# with a number*, not better arithmetic: about a quarter of the direct guesses are right. The first
+# step did most of it (length 34 → 14 tokens; section 7's pilots showed the same), which is why the
+# learning rate matters so much. The training reward per step is noisy (4 new problems each step,
+# and most groups have one or no correct answer: `signal_groups` was 1-3 of 4) and has no clear
+# trend after step 1; the held-out evaluation, with the same 64 problems before and after, is the
+# measurement to trust.
+#
+# Chapter 6 repeats this on GSM8K with the pieces left out here: a KL penalty to the starting
+# model, a learning-rate warm-up, a token budget that leaves room to reason, and an evaluation
+# with the chain-of-thought prompt.
+
+# %% [markdown]
 # **Section 4's estimators on real tokens.** The trained policy has moved away from the starting
 # model, which gives us a real pair of distributions. We sample completions from the policy, compute
 # the *exact* KL to the starting model at every position from the two full 151,936-way
@@ -1386,6 +1408,17 @@ print(f"{kl['tokens']} sampled tokens; exact KL(policy || start) per position: m
 print(f"{'estimator':>9} {'mean':>9} {'mean/exact':>11} {'std':>9} {'max':>9}")
 for kind, row in kl["estimators"].items():
     print(f"{kind:>9} {row['mean']:9.4f} {row['mean'] / max(kl['exact_mean'], 1e-12):11.2f} {row['std']:9.4f} {row['max']:9.3f}")
+
+# %% [markdown]
+# After sixteen steps the policy is far from its start: 0.24 nats of KL per token on average, up to
+# 1.4 at single positions. On these 267 tokens k1 lands close to the exact mean and k2 overestimates,
+# as in the toy table of section 4.1. k3's mean is three times the exact value, but not because k3
+# is biased: its standard deviation per token is 9.5, so the standard error of a 267-token mean is
+# about 0.58, and the excess comes from a handful of tokens (the largest single value is 154) at
+# which the starting model gave the sampled token a far *higher* probability than the policy now
+# does. That is section 4.2's heavy tail, seen on real text: once the policy has moved this far, a
+# k3 penalty is dominated by a few tokens, which is one reason GRPO keeps β small and the policy
+# close to its reference.
 
 # %% [markdown]
 # ## Summary
