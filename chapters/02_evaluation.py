@@ -70,6 +70,14 @@ for gold, pred in pairs:
     print(f"{gold!r:40} vs {pred!r:16} string equal: {gold == pred}")
 
 # %% [markdown]
+# The grader we build in this chapter will become the **reward** of chapters 5 and 6: reinforcement
+# learning raises the probability of whatever the grader calls correct. That puts an unusual weight
+# on its mistakes. A *false negative* (a right answer marked wrong) wastes a training signal. A
+# *false positive* (a wrong answer marked right) is worse: it is a reward for being wrong, and a
+# policy that finds a family of such answers will learn to produce them, because that is what it is
+# optimised to do. So the grader's first rule is: **never accept what is not equal**; its second is
+# to accept every way of writing what is.
+#
 # ## 2. Extraction
 #
 # The model's response is a few hundred tokens of reasoning. We look for the final answer with a
@@ -78,15 +86,19 @@ for gold, pred in pairs:
 #
 # | rule | example |
 # |---|---|
-# | `boxed` | `... so the answer is \boxed{\frac{3}{4}}.` (the *last* `\boxed{}` or `\fbox{}`, nested braces allowed) |
+# | `boxed` | `... so the answer is \boxed{\frac{3}{4}}.` (the *last* `\boxed{}` or `\fbox{}`, nested braces allowed; boxes joined to it by "or", "and" or a comma on the same line form one list: `$x = \boxed{3}$ or $x = \boxed{-4}$`) |
 # | `gsm8k` | `#### 42` (the format of GSM8K's reference solutions) |
-# | `answer_is` | `The answer is 42.` / `Final answer: 42` |
-# | `last_latex` | `... so the area is \(\frac{3\sqrt{3}}{4}\).` (the right-hand side of the last formula, if it looks like a value) |
+# | `answer_is` | `The answer is 42.`, `Final answer: 42`, `**Final Answer:** 45 apples`, `The answer is 90 seconds (that is, ...)` (the sentence after the last cue, without a trailing remark in parentheses) |
+# | `last_latex` | `... so the area is \(\frac{3\sqrt{3}}{4}\).` (the right-hand side of the last formula, if it looks like a value, or a single word: `$even$`) |
 # | `last_number` | the last number in the text, a weak fallback |
 #
-# The last two are *fallbacks*: they guess. The harness (section 7) therefore ignores them when a
-# response was cut off by the token limit: a truncated response never reached its answer, and
-# whatever number it ended on is noise, not an answer.
+# Before any rule, the response is cut at the first chat-template marker (`<|im_start|>`,
+# `<|im_end|>`, ...): a small model sometimes writes its answer and then goes on to invent the next
+# user turn, with answers of its own that are not answers to our question.
+#
+# The last two rules are *fallbacks*: they guess. The scoring rule of section 4 therefore ignores
+# them when a response was cut off by the token limit: a truncated response never reached its
+# answer, and whatever number it ended on is noise, not an answer.
 #
 # Everything here is plain string scanning in linear time: the model's output is untrusted, and a
 # regular expression with nested quantifiers can take exponential time on a crafted string.
@@ -94,28 +106,34 @@ for gold, pred in pairs:
 # %%
 #| export: verify
 """Grading math answers: extraction, normalization and equivalence. Model output is never evaluated
-as code: answers are parsed by a small whitelist parser into SymPy objects, with size guards and a
-time limit, and every public function returns (never raises) within a bounded time."""
+as code: answers are parsed by a small whitelist parser into SymPy objects and compared exactly
+(rational arithmetic, or interval arithmetic at high precision for irrational values). Every public
+function returns, and never raises, within a bounded time, on any thread."""
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import gc
 import random
 import re
-import signal
 import threading
+import time
 from contextlib import contextmanager
 
 import sympy
+from mpmath.ctx_iv import MPIntervalContext
 
 MAX_ANSWER_CHARS = 300  # longer "answers" are compared as strings only
-TIME_LIMIT_S = 1.0  # per answers_match call, where a timer is available (main thread)
+TIME_LIMIT_S = 0.1  # CPU seconds per comparison, on any thread (a deadline the work checks as it goes)
 
 
 @dataclasses.dataclass(frozen=True)
 class Extraction:
     answer: str | None
-    rule: str  # "boxed", "gsm8k", "answer_is", "last_number" or "none"
+    rule: str  # "boxed", "gsm8k", "answer_is", "last_latex", "last_number" or "none"
+
+
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>")
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -132,9 +150,29 @@ def _braced(text: str, start: int) -> str | None:
 
 
 def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{} (or \\fbox{}). Boxes joined to it by "or", "and" or a comma on the
+    same line ("$x = \\boxed{3}$ or $x = \\boxed{-4}$") are one answer, a list."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
+    answers = [_box_at(text, start)]
+    while answers[0] is not None:  # walk back over boxes joined by a connective
+        before = text.rfind("\\boxed", max(0, start - 300), start)
+        content = _box_at(text, before) if before >= 0 else None
+        if content is None:
+            break
+        gap = text[before + 7 + len(content):start]
+        if not _JOINED.fullmatch(gap) or not content.strip():
+            break
+        answers.insert(0, content)
+        start = before
+    return None if answers[-1] is None else ", ".join(a.strip() for a in answers)
+
+
+_JOINED = re.compile(r"[\s$}]*(?:(?:,|;|\bor\b|\band\b|\\text\{\s*(?:or|and)\s*\})[\s$]*)?(?:[a-zA-Z]\s*=[\s$]*)?")
+
+
+def _box_at(text: str, start: int) -> str | None:
     i = start + (6 if text.startswith("\\boxed", start) else 5)
     while i < len(text) and text[i] == " ":
         i += 1
@@ -145,12 +183,31 @@ def _last_boxed(text: str) -> str | None:
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_ANSWER_CUE = re.compile(r"answer\**\s*(?:is\b\s*:?|:)", re.IGNORECASE)
+
+
+def _stated_answer(text: str) -> str | None:
+    """What follows the last "answer is" / "answer:" up to the end of its sentence."""
+    cue = None
+    for cue in _ANSWER_CUE.finditer(text):
+        pass
+    if cue is None:
+        return None
+    rest = text[cue.end():cue.end() + 1000].lstrip(" \t\n*:$")  # "**Final Answer:** 45", "answer is: $5$"
+    rest = re.sub(r"^\\[\[(]\s*(.*?)\s*\\[\])]", r"\1", rest, flags=re.S)  # "answer is:\n\[ 42 \]"
+    rest = re.split(r"\.\s|\.$|\n", rest, maxsplit=1)[0].strip().strip("*$ ").rstrip(".").strip()
+    remark = re.search(r"\s\(", rest)  # "90 seconds (that is, a minute and a half)"
+    if remark and re.search(r"[A-Za-z]{2,}", rest[remark.end():]) and not rest[remark.end():].startswith("\\"):
+        rest = rest[:remark.start()].strip()
+    return rest or None
 
 
 def extract(text: str) -> Extraction:
     """Find the final answer in a response, and which rule found it."""
     if not isinstance(text, str):
         return Extraction(None, "none")
+    for marker in CHAT_MARKERS:  # the model ran on into a turn of its own invention: ignore it
+        text = text.split(marker, 1)[0]
     boxed = _last_boxed(text)
     if boxed is not None and boxed.strip():
         return Extraction(boxed.strip(), "boxed")
@@ -159,13 +216,9 @@ def extract(text: str) -> Extraction:
         line = text[hashes + 4:].strip().split("\n", 1)[0].strip()
         if line:
             return Extraction(line, "gsm8k")
-    lower = text.lower()
-    cue = max(lower.rfind("answer is"), lower.rfind("answer:"))
-    if cue >= 0:
-        rest = text[cue:].split(":", 1)[1] if text[cue:].lower().startswith("answer:") else text[cue + 9:]
-        rest = re.split(r"\.\s|\.$|\n", rest.strip(), maxsplit=1)[0].strip().strip("$ ")
-        if rest:
-            return Extraction(rest, "answer_is")
+    stated = _stated_answer(text)
+    if stated is not None:
+        return Extraction(stated, "answer_is")
     formula = _last_formula(text)
     if formula is not None:
         return Extraction(formula, "last_latex")
@@ -193,6 +246,8 @@ def _last_formula(text: str) -> str | None:
     if not segments:
         return None
     body = max(segments)[1].rsplit("=", 1)[-1].strip().rstrip(".,")
+    if re.fullmatch(r"[A-Za-z]{2,20}", body):  # a one-word answer such as $even$
+        return body
     words = re.sub(r"\\[a-zA-Z]+", "", body)
     if not body or len(body) > 80 or "\\text" in body or re.search(r"[A-Za-z]{2,}", words):
         return None
@@ -202,7 +257,6 @@ def _last_formula(text: str) -> str | None:
 def extract_answer(text: str) -> str | None:
     """The final answer of a response (see `extract` for the rules), or None."""
     return extract(text).answer
-
 
 # %%
 examples = [
@@ -214,6 +268,11 @@ examples = [
     "So the area is \\(\\frac{3\\sqrt{3}}{4}\\).",
     "I don't know.",
     "\\boxed{\\frac{1}{2",
+    "So $x = \\boxed{3}$ or $x = \\boxed{-4}$.",
+    "Adding up: 20 + 25 = 45.\n\n**Final Answer:** 45 apples",
+    "It takes 90 s. The answer is 90 seconds (that is, a minute and a half).",
+    "So the answer is \\boxed{5}.<|im_end|>\n<|im_start|>user\nWhat is 3+4?<|im_end|>\n<|im_start|>assistant\n\\boxed{7}",
+    "Since $f(-x) = f(x)$, the function is $even$.",
 ]
 for e in examples:
     print(f"{str(extract(e)):60} <- {e[:50]!r}")
@@ -222,71 +281,166 @@ assert extract_answer(examples[1]) == "\\frac{1}{2}"
 assert extract(examples[2]).rule == "gsm8k" and extract(examples[3]) == Extraction("72", "answer_is")
 assert extract(examples[4]) == Extraction("72", "last_number") and extract(examples[6]).answer is None
 assert extract(examples[5]) == Extraction("\\frac{3\\sqrt{3}}{4}", "last_latex")
+assert extract(examples[8]) == Extraction("3, -4", "boxed") and extract(examples[9]) == Extraction("45 apples", "answer_is")
+assert extract(examples[10]).answer == "90 seconds" and extract(examples[11]).answer == "5"
+assert extract(examples[12]) == Extraction("even", "last_latex")
 
 # %% [markdown]
 # ## 3. Normalization
 #
-# Normalization removes what does not change the value: dollar signs and `\$`, `\left`/`\right`,
-# spacing commands, `\text{}` wrappers, degree marks, units after a number, thousands separators,
-# a trailing period, the unicode minus sign. `\dfrac` and `\tfrac` are display variants of `\frac`.
-# We stop there: anything that needs *mathematics* (is `2/4` equal to `1/2`?) belongs to the next
-# step.
+# Normalization removes what does not change the value, and nothing that needs mathematics (is
+# `2/4` equal to `1/2`? that is the next step's question):
+#
+# * **LaTeX decoration**: `\left`/`\right`, `\displaystyle`, spacing commands, `$` and `\$`;
+#   `\dfrac`, `\tfrac` and `\cfrac` are `\frac`; `\ge`, `\geq` and `≥` are one symbol; `\varnothing`
+#   is `\emptyset`; `\mathbb{R}` is the interval `(-\infty, \infty)`.
+# * **Unicode**: `−` is `-`, `π` is `\pi`, `√5` is `\sqrt{5}`, `×` and `·` are products.
+# * **Separators**: `1,234`, `1{,}234`, `1,\!234` and `1\,234` are 1234.
+# * **Units and words after a value**: `5\text{ cm}^2`, `16\mbox{ feet}^2`, `3\,\mathrm{kg}`,
+#   `12 \text{ square feet}`, `16\pi \text{ square units}`, `45 apples`. Only words are units, and
+#   only after something that ends like a value: `\text{ or } 20` is a second answer, not a unit.
+# * **Degrees and ordinals**: `90^\circ`, `20^\circ\text{C}`, `9^{\text{th}}`, `21st`.
+# * **Labels**: `x \in [2, 5]` is `[2, 5]`; `(a, b) = (5, 1)` is `(5, 1)`.
+# * **Numbers in a base**: `040_9` and `40_{9}` are both `40_9`.
+# * **Multiple choice**: `(C)`, `\text{(C)}` and `\text{(B) Circle}` become the letter.
+#
+# The words "or" and "and" between answers (`x = 3 \text{ or } x = -4`, `2 \text{ and } 9`) are kept
+# as words: the comparison reads them as list separators.
 
 # %%
 #| export: verify
-def normalize_answer(answer: str) -> str:
-    """Strip formatting that does not change an answer's value (LaTeX decoration, units, separators)."""
-    s = answer.strip()
-    s = s.replace("\u2212", "-").replace("\u2013", "-").replace("\u00b0", "")
-    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                     ("\\displaystyle", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
-                     ("\\$", ""), ("$", ""), ("\\%", "%"), ("^\\circ", ""), ("^{\\circ}", ""), ("{,}", ",")):
-        s = s.replace(old, new)
-    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, "\\ " a matrix row break
-    s = re.sub(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1", s)
-    s = s.strip().rstrip(".").strip()
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 1,234,567
-        s = s.replace(",", "")
-    unit = re.fullmatch(r"(-?[\d.,/]+)\s*([a-zA-Z]+(?: [a-zA-Z]+){0,2})", s)  # "18 dollars", "5 cm"
-    if unit and unit.group(2).lower() not in ("i", "e", "pi") and len(unit.group(2)) > 1:
-        s = unit.group(1)
-    s = re.sub(r"\s+", " ", s).strip()
-    base_n = re.fullmatch(r"([0-9A-Za-z]+)_\{?(\d+)\}?", s)  # 040_9, 4210_{5}: a number in base n
-    if base_n:
-        s = f"{base_n.group(1).lstrip('0') or '0'}_{base_n.group(2)}"
-    if re.fullmatch(r"\(?[A-Ea-e]\)?", s):  # multiple choice: (C) -> C
-        s = s.strip("()").upper()
+_UNICODE = {"\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
+            "\u00f7": "\\div ", "\u03c0": "\\pi ", "\u221e": "\\infty ", "\u2264": "<=", "\u2265": ">=",
+            "\u222a": "\\cup ", "\u2229": "\\cap ", "\u2205": "\\emptyset ", "\u00b1": "\\pm ", "\u00b0": "^\\circ ",
+            "\u2208": "\\in ", "\u211d": "\\mathbb{R}", "\u00a0": " ", "\u2009": " ", "\u202f": " "}
+_REWRITES = [  # (pattern, replacement), applied in order
+    (r"\\[dtc]frac(?![a-zA-Z])", r"\\frac"),
+    (r"\\(?:left|right)\.|\\(?:left|right|[bB]igg?[lr]?|displaystyle|textstyle)(?![a-zA-Z])", ""),
+    (r",\s*\\!\s*(?=\d{3})", ","),  # 11,\! 111,\! 100
+    (r"\\!", ""),
+    (r"(?<=\d)\\,(?=\d{3})", ""),  # 1\,000
+    (r"\\[,;:](?![a-zA-Z])|\\q?quad(?![a-zA-Z])|~", " "),
+    (r"(?<!\\)\\ ", " "),  # "\ " is a space, "\\ " a matrix row break
+    (r"\\\$|\$", ""),
+    (r"\\%", "%"),
+    (r"\{,\}", ","),
+    (r"\\(?:geq?|geqslant)(?![a-zA-Z])|=>", ">="),
+    (r"\\(?:leq?|leqslant)(?![a-zA-Z])|=<", "<="),
+    (r"\\gt(?![a-zA-Z])", ">"),
+    (r"\\lt(?![a-zA-Z])", "<"),
+    (r"\\varnothing(?![a-zA-Z])|\\\{\s*\\\}", r"\\emptyset"),
+    (r"\\mathbb\s*\{?\s*R\s*\}?", r"(-\\infty,\\infty)"),
+    (r"\\infin(?![a-zA-Z])", r"\\infty"),
+    # degrees: 90^\circ, 90^{\circ}, 20^\circ\text{C}, \degree
+    (r"\^\s*\{?\s*\\circ\s*\}?(?:\s*\\(?:text|mathrm|textnormal)\s*\{\s*[CF]\s*\}|\s*[CF](?![a-zA-Z]))?|\\degree(?![a-zA-Z])", ""),
+    # ordinals: 9^{\text{th}}, 9^\text{th}, 21st
+    (r"(\d)\s*\^\s*\{?\s*(?:\\(?:text|mathrm|textnormal|rm)\s*)?\{?\s*(?:st|nd|rd|th)\s*\}?\s*\}?", r"\1"),
+    (r"(\d)(?:st|nd|rd|th)\b", r"\1"),
+    # "x = 3 \text{ or } x = -4": connectives become plain words, split later
+    (r"\\(?:text|textnormal|textrm|mbox|mathrm)\s*\{\s*(or|and)\s*\}", r" \1 "),
+]
+_REWRITES = [(re.compile(p), r) for p, r in _REWRITES]
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textnormal|textrm|textsf|mathrm|mathbf|mathit|mbox|operatorname|emph)"
+                           r"\s*\{([^{}]*)\}")
+_UNIT_WORDS = re.compile(r"(?<![\\a-zA-Z])([a-zA-Z]{2,}\.?(?:/[a-zA-Z]+)?(?:\s+[a-zA-Z]{2,}\.?(?:/[a-zA-Z]+)?){0,3})"
+                         r"(\s*\^\s*\{?[23]\}?)?\s*$")  # words separated by spaces: no backtracking blow-up
+_MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "infty", "i"}
+_CONNECTIVES = {"or", "and", "to", "plus", "minus", "times", "but", "not", "if"}
+
+
+def _strip_units(s: str) -> str:
+    """Drop unit words after a value: "5\\text{ cm}^2", "16\\pi square units", "45 apples", "3\\,\\mathrm{kg}"."""
+    for _ in range(4):
+        m = re.search(r"\\(?:text|textnormal|textrm|mbox|mathrm|textit|operatorname)\s*\{([^{}]*)\}(\s*\^\s*\{?[23]\}?)?\s*$", s)
+        if m is None:
+            m = _UNIT_WORDS.search(s)
+            if m is None or m.group(1).split()[0].lower().rstrip(".") in _MATH_WORDS | _CONNECTIVES:
+                return s
+        unit, value = m.group(1).strip(), s[:m.start()].rstrip()
+        if not re.fullmatch(r"[A-Za-z][A-Za-z .\-/]*", unit) or unit.split()[0].lower() in _MATH_WORDS | _CONNECTIVES:
+            return s  # "\text{ or 20}" is a second answer, not a unit
+        if not re.search(r"(?:[\d})\]!%]|\\pi|\\infty)$", value):  # only after a value
+            return s
+        s = value
     return s
 
 
+def normalize_answer(answer: str) -> str:
+    """Strip formatting that does not change an answer's value (LaTeX decoration, units, separators)."""
+    s = answer.strip()
+    for old, new in _UNICODE.items():
+        s = s.replace(old, new)
+    s = re.sub(r"\u221a\s*(\d+|[a-zA-Z])", r"\\sqrt{\1}", s)  # unicode root: 3√5
+    s = re.sub(r"\u221a\s*\(([^()]*)\)", r"\\sqrt{\1}", s)
+    s = s.replace("\u221a", "\\sqrt")
+    for pattern, replacement in _REWRITES:
+        s = pattern.sub(replacement, s)
+    s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+    s = _strip_units(s)
+    for _ in range(3):  # \text{...} and friends: keep the content
+        s = _TEXT_COMMAND.sub(r"\1", s)
+    s = _strip_units(re.sub(r"\s+", " ", s).strip().rstrip(".").strip())  # \text{18 dollars}
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 1,234,567
+        s = s.replace(",", "")
+    s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # x \in [a, b]
+    s = re.sub(r"^\(\s*[a-zA-Z](?:\s*,\s*[a-zA-Z])+\s*\)\s*=\s*(?=[(\[])", "", s)  # (a, b) = (5, 1)
+    base_n = re.fullmatch(r"\(?([0-9A-Za-z]+)\)?\s*_\s*\{?\(?(\d+)\)?\}?", s)  # 040_9, 4210_{5}: a number in base n
+    if base_n:
+        s = f"{base_n.group(1).lstrip('0') or '0'}_{base_n.group(2)}"
+    choice = re.fullmatch(r"\(?([A-Ea-e])\)|([A-E])|\(([A-E])\)\s+\S.*", s)  # (C), C, (B) Circle
+    if choice:
+        s = next(g for g in choice.groups() if g).upper()
+    return s
+
 # %%
 for raw in ["\\$1,234.", "90^\\circ", "\\dfrac{14}{3}", "\\text{Evelyn}", "5\\text{ cm}", "\\left( 3, \\frac{\\pi}{2} \\right)",
-            "\u22125", "18 dollars", "\\text{(C)}", "10\\%", "040_9", "4210_{5}"]:
+            "\u22125", "18 dollars", "\\text{(C)}", "10\\%", "040_9", "4210_{5}", "16\\mbox{ feet}^2", "20^\\circ\\text{C}",
+            "9^{\\text{th}} \\text{ floor}", "16\\pi \\text{ square units}", "\\text{(B) Circle}", "1,\\!000", "3\u221a5",
+            "x = 3 \\text{ or } x = -4", "18 \\text{ or } 20", "x \\in [2,5]", "\\mathbb{R}"]:
     print(f"{raw!r:40} -> {normalize_answer(raw)!r}")
 assert normalize_answer("\\$1,234.") == "1234" and normalize_answer("5\\text{ cm}") == "5" and normalize_answer("18 dollars") == "18"
-assert normalize_answer("\\text{(C)}") == "C" and normalize_answer("\u22125") == "-5"
+assert normalize_answer("\\text{(C)}") == "C" and normalize_answer("\u22125") == "-5" and normalize_answer("16\\mbox{ feet}^2") == "16"
+assert normalize_answer("9^{\\text{th}} \\text{ floor}") == "9" and normalize_answer("16\\pi \\text{ square units}") == "16\\pi"
+assert normalize_answer("\\text{(B) Circle}") == "B" and normalize_answer("1,\\!000") == "1000"
+assert normalize_answer("18 \\text{ or } 20") == "18 or 20"  # two answers, not a unit
 
 # %% [markdown]
-# ## 4. Equivalence with SymPy — safely
+# ## 4. Equivalence: exact, safe, and bounded in time
 #
-# To compare values we turn each answer into a SymPy object. The obvious tool,
-# `sympy.sympify(text)`, runs Python's `eval` on its input — with model output that is remote code
-# execution. SymPy's LaTeX parser is safe but slow and still happily computes `9^{9^{9^9}}`, a
-# number with about 10^369,693,099 digits, which never finishes and cannot be interrupted because
-# Python's big-integer power is a single C call.
+# To compare values we turn each answer into a SymPy object, and three requirements shape how.
 #
-# So we write a small **whitelist parser**. LaTeX is first rewritten into plain infix
-# (`\frac{a}{b}` → `((a)/(b))`, `\sqrt{x}` → `sqrt(x)`, `\pi` → `pi`); an unknown command makes the
-# parse fail rather than guess. A recursive-descent parser then accepts only numbers, single-letter
-# variables, `+ - * / ^ !`, parentheses, implicit multiplication (`3x`, `2\pi`) and a handful of
-# functions. Before computing a power or a factorial it checks that the result stays small
-# (at most 10,000 digits); otherwise the parse fails and the answer is compared as a string. A timer
-# (`signal.setitimer`) bounds the remaining SymPy work where a timer is available.
+# **Safe.** The obvious tool, `sympy.sympify(text)`, runs Python's `eval` on its input: with model
+# output, that is remote code execution. So we write a small whitelist parser (4.2).
 #
-# Two parsed answers are equal if their difference is zero numerically: exactly for numbers
-# (with a relative tolerance of 1e-6 for decimals), and at three random points for expressions
-# with variables — a randomized identity test that is far faster and more predictable than
-# `simplify`.
+# ### 4.1 A time bound that holds on every thread
+#
+# **Bounded in time.** SymPy happily starts computing `9^{9^{9^9}}`, a number with about
+# 10^369,693,099 digits, which never finishes. A reward is computed millions of times during
+# training, often in worker threads, so every comparison must return quickly *on any thread*. A
+# timer signal (`SIGALRM`) cannot do this: Python delivers signals only to the main thread, and not
+# in the middle of one long C call (a big-integer power is one). We use two ideas instead:
+#
+# 1. **Refuse before trying.** Every step that could be slow checks its size first: an exact number
+#    may have at most 2,000 digits, a factorial at most 500!, an exponential must stay below
+#    10^10,000, interval arithmetic (4.3) at most 40,000 bits of precision. What fails a check is
+#    refused, not attempted. Each remaining step then takes at most milliseconds.
+# 2. **A deadline checked as the work goes.** `answers_match` gives each call a budget
+#    (`TIME_LIMIT_S`, 0.1 s), stored per thread; the parser and the comparison call `_tick()` at
+#    every token, node and point, and give up when it is spent. Because every single step is
+#    short, checking between steps bounds the whole call. The budget is counted in the thread's
+#    own CPU time, not in wall-clock time, and without the time Python spends collecting garbage
+#    (in a large training process one collection can take 0.15 s): on a busy machine a comparison
+#    may take longer, but it does the same work and reaches the same verdict, which matters for a
+#    reward.
+#
+# Whatever cannot be decided in time counts as *no match*: a reward of 0 for an answer we could not
+# check is the safe side.
+#
+# One more thread-safety detail: mpmath (under SymPy and our interval arithmetic) caches constants
+# such as π at the highest precision asked for so far, and two threads refreshing that cache at once
+# could read a value of the wrong precision. Comparisons therefore take a lock. Python runs one
+# thread at a time anyway, so the lock costs no speed, and the budget counts only the thread's own
+# CPU time, not its wait.
 
 # %%
 #| export: verify
@@ -294,12 +448,92 @@ class _Unparsable(Exception):
     pass
 
 
-_FUNCTIONS = {"sqrt": sympy.sqrt, "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "log": sympy.log,
-              "ln": sympy.log, "exp": sympy.exp, "abs": sympy.Abs}
+class _Refused(Exception):
+    """Cannot be decided within the time bound (too large, or outside what we evaluate)."""
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+_state = threading.local()  # per-thread deadline and interval-arithmetic context
+
+
+def _work_clock() -> float:
+    """CPU seconds this thread has spent, not counting garbage collection (which is not our work, and
+    in a large process one collection can take a tenth of a second)."""
+    return time.thread_time() - getattr(_state, "gc_seconds", 0.0)
+
+
+def _count_garbage_collection(phase: str, info: dict) -> None:
+    if phase == "start":
+        _state.gc_start = time.thread_time()
+    elif getattr(_state, "gc_start", None) is not None:
+        _state.gc_seconds = getattr(_state, "gc_seconds", 0.0) + time.thread_time() - _state.gc_start
+        _state.gc_start = None
+
+
+gc.callbacks.append(_count_garbage_collection)
+
+
+def _tick() -> None:
+    """Raise _OutOfTime once this thread has spent the CPU time of the current call.
+
+    The clock is the thread's own work, so a verdict does not depend on how busy the machine is.
+    Reading it costs about a microsecond, so the cheap wall clock is read first: until wall time has
+    passed the deadline, the work clock cannot have."""
+    deadline = getattr(_state, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline[0] and _work_clock() > deadline[1]:
+        raise _OutOfTime
+
+
+_ONE_AT_A_TIME = threading.RLock()  # mpmath and SymPy keep caches that two threads must not update at once
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Run the code inside alone (see _ONE_AT_A_TIME) with a budget of `seconds` of CPU time that `_tick`
+    enforces, on any thread. Python runs one thread at a time anyway, so the lock costs no speed."""
+    with _ONE_AT_A_TIME:
+        previous = getattr(_state, "deadline", None)
+        deadline = (time.monotonic() + seconds, _work_clock() + seconds)
+        _state.deadline = deadline if previous is None else (min(previous[0], deadline[0]), min(previous[1], deadline[1]))
+        try:
+            yield
+        finally:
+            _state.deadline = previous
+
+# %% [markdown]
+# ### 4.2 A whitelist parser
+#
+# LaTeX is first rewritten into plain infix (`\frac{a}{b}` → `((a)/(b))`, `\sqrt{x}` → `sqrt(x)`,
+# `\pi` → `pi`); an unknown command makes the parse fail rather than guess. A recursive-descent
+# parser then accepts only numbers, single-letter and Greek variables, `+ - * / ^ !`, parentheses,
+# `|x|`, implicit multiplication (`3x`, `2\pi`) and a short list of functions (`\sqrt`, the six
+# trigonometric functions and their inverses, `\sin^2 x`, `\log`, `\ln`, `\log_b`, `\exp`,
+# `\binom`). Some readings need care:
+#
+# * **Decimals are exact**: `0.1` is the rational 1/10, so `0.1 + 0.2` *is* `0.3`.
+# * **Mixed numbers**: a whole number directly before a proper fraction of integers is their sum,
+#   `3\frac{1}{4}` = 13/4 (and `3 1/4` too); elsewhere juxtaposition is a product, `2\frac{\pi}{3}`.
+# * **E-notation**: `3.1e8` and `4.7E-3` are numbers, not products with Euler's `e`.
+# * **Odd roots of negative numbers** are real: `\sqrt[3]{-8}` = -2.
+# * Before computing a power, a factorial or a binomial, the parser checks the size of the result
+#   (the refusals of 4.1).
+
+# %%
+#| export: verify
+_FUNCTIONS = {"sqrt": sympy.sqrt, "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot,
+              "sec": sympy.sec, "csc": sympy.csc, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan,
+              "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh, "log": sympy.log, "ln": sympy.log,
+              "exp": sympy.exp, "abs": sympy.Abs}
+_INVERSE = {"sin": sympy.asin, "cos": sympy.acos, "tan": sympy.atan}  # \sin^{-1} x
 _CONSTANTS = {"pi": sympy.pi, "oo": sympy.oo, "i": sympy.I, "e": sympy.E}
-_LATEX_WORDS = {"pi": "pi", "infty": "oo", "cdot": "*", "times": "*", "div": "/", "sin": "sin", "cos": "cos",
-                "tan": "tan", "log": "log", "ln": "ln", "exp": "exp"}
-MAX_DIGITS = 10_000
+_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta", "kappa",
+          "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "phi", "varphi", "chi", "psi", "omega"}
+_LATEX_WORDS = {"pi": "pi", "infty": "oo", "cdot": "*", "times": "*", "div": "/", **{f: f for f in _FUNCTIONS},
+                **{g: g for g in _GREEK}}
+MAX_DIGITS = 2_000  # an exact number may have at most this many digits
 
 
 def _latex_to_infix(s: str) -> str:
@@ -324,6 +558,7 @@ def _latex_to_infix(s: str) -> str:
         return s[j], j + 1
 
     while i < len(s):
+        _tick()
         c = s[i]
         if c == "\\":
             m = re.match(r"\\([a-zA-Z]+)", s[i:])
@@ -334,6 +569,10 @@ def _latex_to_infix(s: str) -> str:
                 num, i = argument(i)
                 den, i = argument(i)
                 out.append(f"(({num})/({den}))")
+            elif name in ("binom", "dbinom", "tbinom"):
+                n, i = argument(i)
+                k, i = argument(i)
+                out.append(f" binom(({n}),({k})) ")
             elif name == "sqrt":
                 index = None
                 if i < len(s) and s[i] == "[":
@@ -342,7 +581,27 @@ def _latex_to_infix(s: str) -> str:
                         raise _Unparsable("bad root index")
                     index, i = _latex_to_infix(s[i + 1:close]), close + 1
                 body, i = argument(i)
-                out.append(f"sqrt({body})" if index is None else f"(({body})^(1/({index})))")
+                out.append(f"sqrt({body})" if index is None else f" root(({body}),({index})) ")
+            elif name == "log" and s[i:i + 1] == "_":  # \log_{b} x = log(x) / log(b)
+                base, i = argument(i + 1)
+                while i < len(s) and s[i] == " ":
+                    i += 1
+                if s[i:i + 1] == "(":
+                    depth, j = 0, i
+                    while j < len(s):
+                        depth += {"(": 1, ")": -1}.get(s[j], 0)
+                        if depth == 0:
+                            break
+                        j += 1
+                    body, i = _latex_to_infix(s[i + 1:j]), j + 1
+                elif s[i:i + 1] in ("{", "\\"):
+                    body, i = argument(i)
+                else:
+                    m = re.match(r"[0-9.]+|[a-zA-Z]", s[i:])
+                    if not m:
+                        raise _Unparsable("log without argument")
+                    body, i = m.group(0), i + len(m.group(0))
+                out.append(f"(log({body})/log({base}))")
             elif name in _LATEX_WORDS:
                 out.append(f" {_LATEX_WORDS[name]} ")
             else:
@@ -361,13 +620,15 @@ def _latex_to_infix(s: str) -> str:
     return "".join(out)
 
 
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|([a-zA-Z]+)|(\*\*|[-+*/^()!]))")
+_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([a-zA-Z]+)|(\*\*|[-+*/^()!|,]))")
+_NAMES = set(_FUNCTIONS) | set(_CONSTANTS) | _GREEK | {"binom", "root"}
 
 
 def _tokens(s: str) -> list[tuple[str, str]]:
     tokens, pos = [], 0
     s = s.strip()
     while pos < len(s):
+        _tick()
         m = _TOKEN.match(s, pos)
         if not m or m.end() == pos:
             raise _Unparsable(f"unexpected {s[pos:pos + 10]!r}")
@@ -377,7 +638,7 @@ def _tokens(s: str) -> list[tuple[str, str]]:
                 raise _Unparsable("number too long")
             tokens.append(("num", number))
         elif word is not None:
-            if word in _FUNCTIONS or word in _CONSTANTS:
+            if word in _NAMES:
                 tokens.append(("name", word))
             else:  # "xy" is x*y; single letters are variables
                 tokens.extend(("name", ch) for ch in word)
@@ -388,17 +649,29 @@ def _tokens(s: str) -> list[tuple[str, str]]:
 
 
 def _digits(x) -> float:
-    x = abs(x)
-    return 0.0 if x == 0 else float(sympy.log(x, 10)) if x.is_Rational and x > 1 else 1.0
+    """Decimal digits of a rational's numerator or denominator, whichever is longer."""
+    return max(int(x.p).bit_length(), int(x.q).bit_length()) * 0.30103
 
 
 def _safe_pow(base, exponent):
-    if exponent.is_Number and base.is_Number:
-        if abs(exponent) > MAX_DIGITS or abs(base) > 1 and abs(float(exponent)) * _digits(base) > MAX_DIGITS:
+    _tick()
+    if exponent.is_Number:
+        if abs(exponent) > 10 * MAX_DIGITS:
+            raise _Unparsable("exponent too large")
+        if base.is_Rational and exponent.is_Rational and abs(base) != 1 and float(abs(exponent)) * _digits(base) > MAX_DIGITS:
             raise _Unparsable("power too large")
-    elif exponent.is_Number and abs(exponent) > 1000:
-        raise _Unparsable("symbolic power too large")
+        if base.free_symbols and abs(exponent) > 1000:
+            raise _Unparsable("symbolic power too large")
+    if isinstance(base, sympy.Pow) and base.exp.is_Number and exponent.is_Number and abs(base.exp * exponent) > 10 * MAX_DIGITS:
+        raise _Unparsable("power too large")  # (x^999)^999 would become x^998001
     return sympy.Pow(base, exponent)
+
+
+def _root(value, index):
+    """The n-th root; the real one for a negative number and an odd n (\\sqrt[3]{-8} = -2)."""
+    if index.is_Integer and index > 0 and value.is_Number and value < 0 and index % 2 == 1:
+        return -_safe_pow(-value, 1 / index)
+    return _safe_pow(value, 1 / index)
 
 
 class _Parser:
@@ -432,6 +705,7 @@ class _Parser:
     def term(self):
         value = self.unary()
         while True:
+            _tick()
             kind, text = self.peek()
             if text in ("*", "/"):
                 self.take()
@@ -462,83 +736,478 @@ class _Parser:
         value = self.atom()
         while self.peek()[1] == "!":
             self.take()
-            if not (value.is_Integer and 0 <= value <= 1000):
+            if not (value.is_Integer and 0 <= value <= 500):
                 raise _Unparsable("factorial argument")
             value = sympy.factorial(value)
         return value
 
+    def arguments(self):
+        self.take("(")
+        args = [self.expr()]
+        while self.peek()[1] == ",":
+            self.take()
+            args.append(self.expr())
+        self.take(")")
+        return args
+
+    def function(self, name):
+        exponent = None
+        if self.peek()[1] == "^":  # \sin^2 x, \sin^{-1} x
+            self.take()
+            exponent = self.postfix()
+        if name in ("binom", "root"):
+            n, k = self.arguments()
+            if name == "root":
+                return _root(n, k)
+            if not (n.is_Integer and k.is_Integer and 0 <= n <= 1000):
+                raise _Unparsable("binomial arguments")
+            return sympy.binomial(n, k)
+        if self.peek()[1] == "(":
+            args = self.arguments()
+            if len(args) != 1:
+                raise _Unparsable("one argument expected")
+            arg = args[0]
+        else:  # \sin 2x: the argument runs up to the next operator or function
+            arg = self.power()
+            while self.peek()[0] == "num" or self.peek()[0] == "name" and self.peek()[1] not in _FUNCTIONS:
+                arg = arg * self.power()
+        if exponent == -1 and name in _INVERSE:
+            return _INVERSE[name](arg)
+        value = _FUNCTIONS[name](arg)
+        return value if exponent is None else _safe_pow(value, exponent)
+
     def atom(self):
         kind, text = self.take()
         if kind == "num":
-            return sympy.Rational(text) if "." not in text else sympy.Float(text, 30)
+            mantissa, _, exponent = text.lower().partition("e")
+            value = sympy.Rational(mantissa)  # decimals are exact: 0.1 + 0.2 == 0.3
+            if exponent:  # 3.1e8, 4.7E-3
+                if abs(int(exponent)) > MAX_DIGITS:
+                    raise _Unparsable("exponent too large")
+                value *= sympy.Integer(10) ** int(exponent)
+            return value
         if kind == "name":
-            if text in _FUNCTIONS:
-                if self.peek()[1] != "(":
-                    return _FUNCTIONS[text](self.power())  # \sqrt2, \sin x
-                self.take("(")
-                arg = self.expr()
-                self.take(")")
-                return _FUNCTIONS[text](arg)
+            if text in _FUNCTIONS or text in ("binom", "root"):
+                return self.function(text)
             return _CONSTANTS.get(text) or sympy.Symbol(text)
         if text == "(":
             value = self.expr()
             self.take(")")
             return value
+        if text == "|":
+            value = self.expr()
+            self.take("|")
+            return sympy.Abs(value)
         raise _Unparsable(f"unexpected {text!r}")
+
+
+_MIXED = re.compile(r"(?<![\w.^}/])(\d+)\s*\\frac\s*(?:\{(\d+)\}|(\d))\s*(?:\{(\d+)\}|(\d))")
+_PLAIN_MIXED = re.compile(r"(?<![\w.^}/])(\d+)\s+(\d+)\s*/\s*(\d+)(?![\d.])")
+
+
+def _mixed_numbers(s: str) -> str:
+    """3\\frac{1}{4} and "3 1/4" are 3 + 1/4 (a proper fraction after a whole number), not 3 * 1/4."""
+    def mixed(whole, num, den, original):
+        return f"({whole}+{num}/{den})" if int(num) < int(den) else original
+
+    s = _MIXED.sub(lambda m: mixed(m.group(1), m.group(2) or m.group(3), m.group(4) or m.group(5), m.group(0)), s)
+    return _PLAIN_MIXED.sub(lambda m: mixed(m.group(1), m.group(2), m.group(3), m.group(0)), s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str):
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
+    try:
+        return _Parser(_tokens(_latex_to_infix(_mixed_numbers(text)))).parse()
+    except (_Unparsable, RecursionError, ValueError, TypeError, ZeroDivisionError, OverflowError, AttributeError):
+        return None
 
 
 def parse_math(text: str):
     """A SymPy expression for a normalized answer, or None if it is outside the accepted subset."""
-    if len(text) > MAX_ANSWER_CHARS:
-        return None
     try:
-        return _Parser(_tokens(_latex_to_infix(text))).parse()
-    except (_Unparsable, RecursionError, ValueError, TypeError, ZeroDivisionError, OverflowError):
+        with _time_limit(TIME_LIMIT_S):
+            return _parse(text)
+    except _OutOfTime:
         return None
-
 
 # %%
-print(parse_math("3\\sqrt{13}"), "|", parse_math("\\frac{\\sqrt{3}}{2}"), "|", parse_math("6+9i"), "|",
-      parse_math("x^5 - x^4 + 2x"), "|", parse_math("9^{9^{9^9}}"), "|", parse_math("__import__('os')"))
-assert parse_math("3\\sqrt{13}") == parse_math("\\sqrt{117}")
+for text in ["3\\sqrt{13}", "\\frac{\\sqrt{3}}{2}", "6+9i", "x^5 - x^4 + 2x", "0.1 + 0.2", "3\\frac{1}{4}", "2\\frac{\\pi}{3}",
+             "4.7E-3", "\\sin^2 x + \\csc t", "\\log_2 8", "\\sqrt[3]{-8}", "9^{9^{9^9}}", "__import__('os')"]:
+    print(f"{text!r:26} -> {parse_math(text)}")
+assert parse_math("3\\sqrt{13}") == parse_math("\\sqrt{117}") and parse_math("0.1 + 0.2") == parse_math("0.3")
+assert parse_math("3\\frac{1}{4}") == sympy.Rational(13, 4) and parse_math("\\sqrt[3]{-8}") == -2
 assert parse_math("9^{9^{9^9}}") is None  # refused, not computed
 assert parse_math("__import__('os')") is None  # not in the grammar
 
 # %% [markdown]
-# Now the comparison itself, which has to handle the *shapes* of answers too:
+# ### 4.3 Equal means equal
 #
-# * a **list** `1, -2` is unordered (MATH asks "enter all solutions, separated by commas");
-#   `\{1, 2\}` is a set;
-# * a **tuple or interval** `(3, \frac{\pi}{2})`, `[2, 5)` is ordered and its brackets matter;
-# * a **matrix** `\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}` is compared entry by entry;
-# * `a \pm b` stands for the two values `a + b` and `a - b`;
-# * an **equation** `x = 5` equals `5` (the variable is dropped when only one side is an
-#   equation), and two equations are equal when one is a nonzero multiple of the other
-#   (`y = 2x + 1` and `2y - 4x = 2`);
-# * a **percentage** `50\%` matches `50` and `0.5`;
-# * anything that does not parse is compared as normalized text, case-insensitively.
+# The first version of this verifier called two numbers equal when they differed by less than a
+# millionth of their size. That is a reasonable rule for measurements and a bad one for answers.
+# Here is what it accepts:
+
+# %%
+def within_a_millionth(pred: str, gold: str) -> bool:  # the old rule, for comparison
+    x, y = float(parse_math(pred)), float(parse_math(gold))
+    return abs(x - y) <= 1e-6 * max(1.0, abs(y))
+
+
+near_misses = [("1000001", "1000000"), ("2^{31}-1", "2^{31}"), ("10^{-20}", "0"), ("1267650600228229401496703205377", "2^{100}")]
+for pred, gold in near_misses:
+    print(f"{pred:34} vs {gold:9}  within a millionth: {within_a_millionth(pred, gold)}")
+
+# %% [markdown]
+# Integers that differ by one, a power of two and its neighbour, a tiny number against zero, a large
+# power against itself plus one written out in digits: each would be rewarded. The rule is replaced by **exact comparison**:
+#
+# * Two rationals (integers, fractions, decimals, which are exact rationals here) are compared
+#   exactly.
+# * Irrational values (`3\sqrt{13}`, `\cos\frac{\pi}{12}`) are evaluated with **interval
+#   arithmetic** (mpmath's `iv` context): each side becomes an interval that is guaranteed to contain
+#   its exact value. If the two intervals do not overlap, the values differ, and that is a proof,
+#   not an estimate. If they still overlap at a precision of 1,200 bits (about 360 digits), or
+#   300 bits more than the size of the largest intermediate value if that is more, we call them
+#   equal: two different answers of a few hundred characters that agree to 90 digits after the
+#   largest of their parts would have to be constructed for the purpose.
+#   A tiny number is never "about zero": its interval is tiny but does not contain zero.
+# * Expressions with variables are compared at random rational points (both signs, so `\sqrt{x^2}`
+#   is not `x`): equal only if they agree at four points. A polynomial identity that holds at four
+#   random rationals by accident is astronomically unlikely, and this is far faster and more
+#   predictable than `simplify`.
+# * A **tolerance exists only for decimal approximations**, and it is scaled to the digits the
+#   decimal states: a decimal with at least six significant digits matches an exact value if it is
+#   that value rounded, or cut off, at its last digit. `0.333333` matches `\frac{1}{3}`; `0.333`
+#   and `3.14` do not match `\frac{1}{3}` and `\pi`, and `17.99999` does not match 18.
 
 # %%
 #| export: verify
-@contextmanager
-def _time_limit(seconds: float):
-    """Raise TimeoutError after `seconds` (only on the main thread, where SIGALRM can be used)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise TimeoutError
-
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+_MAX_BITS = 33_000  # magnitudes beyond 2^±33000 (about 10^±10000) are refused
+_MAX_EXP_ARG = 22_000  # e^x for |x| above this would pass that bound
+_FIRST_BITS, _SECOND_BITS, _MOST_BITS = 200, 1_200, 40_000
 
 
+def _ctx(bits: int) -> MPIntervalContext:
+    """This thread's interval-arithmetic context (mpmath contexts are not thread-safe), at `bits` precision."""
+    ctx = getattr(_state, "ctx", None)
+    if ctx is None:
+        ctx = _state.ctx = MPIntervalContext()
+    ctx.prec = bits
+    return ctx
+
+
+def _bits(x) -> int:
+    """log2 of the largest endpoint of an interval (a large negative number for [0, 0]); refuses inf/nan."""
+    top = -10 ** 9
+    for sign, man, exp, bc in x._mpi_:
+        if man == 0:
+            if bc != 0:  # inf or nan
+                raise _Refused("unbounded")
+            continue
+        top = max(top, exp + bc)
+    if top > _MAX_BITS:
+        raise _Refused("too large")
+    return top
+
+
+class _Complex:
+    """A complex interval: real and imaginary parts as mpmath intervals (im None for a real value)."""
+
+    def __init__(self, re_, im=None):
+        self.re, self.im = re_, im
+        _bits(re_)
+        if im is not None:
+            _bits(im)
+
+
+def _positive(x) -> bool:
+    return x.a > 0
+
+
+def _negative(x) -> bool:
+    return x.b < 0
+
+
+def _evaluate(expr, point: dict, ctx, scale: list):
+    """A complex interval that contains the exact value of `expr` with symbols set to `point`."""
+    _tick()
+    if expr.is_Rational:
+        return _Complex(ctx.mpf(int(expr.p)) / int(expr.q))
+    if expr is sympy.pi:
+        return _Complex(ctx.pi)
+    if expr is sympy.E:
+        return _Complex(ctx.e)
+    if expr is sympy.I:
+        return _Complex(ctx.mpf(0), ctx.mpf(1))
+    if expr.is_Symbol:
+        if expr not in point:
+            raise _Refused("unbound symbol")
+        p, q = point[expr]
+        return _Complex(ctx.mpf(p) / q)
+    args = [_evaluate(a, point, ctx, scale) for a in expr.args] if not expr.is_Pow else None
+    if expr.is_Add:
+        total = args[0]
+        for term in args:
+            scale[0] = max(scale[0], _bits(term.re), _bits(term.im) if term.im is not None else -10 ** 9)
+        for term in args[1:]:
+            total = _add(total, term)
+        return total
+    if expr.is_Mul:
+        total = args[0]
+        for factor in args[1:]:
+            total = _mul(total, factor)
+        return total
+    if expr.is_Pow:
+        return _power(expr.base, expr.exp, point, ctx, scale)
+    name = type(expr).__name__
+    (x,) = args if len(args) == 1 else (None,)
+    if x is None:
+        raise _Refused(f"{name} with {len(args)} arguments")
+    if name == "exp":
+        return _exp(x, ctx)
+    if name == "log":
+        return _log(x, ctx)
+    if name == "Abs":
+        return _Complex(ctx.sqrt(x.re * x.re + (x.im * x.im if x.im is not None else 0)))
+    if x.im is not None:
+        raise _Refused(f"{name} of a complex number")
+    v = x.re
+    if name in ("sin", "cos", "tan", "cot", "sec", "csc"):
+        if _bits(v) > 300:
+            raise _Refused("trigonometric argument too large")
+        return _Complex(getattr(ctx, name)(v))
+    if name in ("sinh", "cosh", "tanh"):
+        if _bits(v) > 14:
+            raise _Refused("hyperbolic argument too large")
+        up, down = ctx.exp(v), ctx.exp(-v)
+        return _Complex({"sinh": (up - down) / 2, "cosh": (up + down) / 2, "tanh": (up - down) / (up + down)}[name])
+    if name == "atan":
+        return _Complex(ctx.atan2(v, ctx.mpf(1)))
+    if name in ("asin", "acos"):
+        if not (v.a > -1 and v.b < 1):
+            raise _Refused("inverse sine outside (-1, 1)")
+        other = ctx.sqrt(1 - v * v)
+        return _Complex(ctx.atan2(v, other) if name == "asin" else ctx.atan2(other, v))
+    raise _Refused(f"unsupported function {name}")
+
+
+def _add(x: _Complex, y: _Complex) -> _Complex:
+    im = x.im if y.im is None else y.im if x.im is None else x.im + y.im
+    return _Complex(x.re + y.re, im)
+
+
+def _mul(x: _Complex, y: _Complex) -> _Complex:
+    if x.im is None and y.im is None:
+        return _Complex(x.re * y.re)
+    if x.im is None:
+        return _Complex(x.re * y.re, x.re * y.im)
+    if y.im is None:
+        return _Complex(x.re * y.re, x.im * y.re)
+    return _Complex(x.re * y.re - x.im * y.im, x.re * y.im + x.im * y.re)
+
+
+def _reciprocal(x: _Complex, ctx) -> _Complex:
+    if x.im is None:
+        if not (_positive(x.re) or _negative(x.re)):
+            raise _Refused("division by an interval around 0")
+        return _Complex(1 / x.re)
+    norm = x.re * x.re + x.im * x.im
+    if not _positive(norm):
+        raise _Refused("division by an interval around 0")
+    return _Complex(x.re / norm, -x.im / norm)
+
+
+def _exp(x: _Complex, ctx) -> _Complex:
+    if x.re.b > _MAX_EXP_ARG or x.re.a < -_MAX_EXP_ARG:
+        raise _Refused("exponential too large")
+    if x.im is None:
+        return _Complex(ctx.exp(x.re))
+    if _bits(x.im) > 300:
+        raise _Refused("angle too large")
+    r = ctx.exp(x.re)
+    return _Complex(r * ctx.cos(x.im), r * ctx.sin(x.im))
+
+
+def _log(x: _Complex, ctx) -> _Complex:
+    if x.im is None and _positive(x.re):
+        return _Complex(ctx.log(x.re))
+    if x.im is None and _negative(x.re):
+        return _Complex(ctx.log(-x.re), ctx.pi)
+    if x.im is not None and (_positive(x.re) or _positive(x.im) or _negative(x.im)):
+        return _Complex(ctx.log(x.re * x.re + x.im * x.im) / 2, ctx.atan2(x.im, x.re))
+    raise _Refused("logarithm near 0 or on its branch cut")
+
+
+def _power(base, exponent, point, ctx, scale) -> _Complex:
+    b = _evaluate(base, point, ctx, scale)
+    if exponent.is_Integer:
+        n = int(exponent)
+        size = max(_bits(b.re), _bits(b.im) if b.im is not None else -10 ** 9)
+        if abs(n) * max(size, 1) > _MAX_BITS:
+            raise _Refused("power too large")
+        if b.im is None:
+            if n < 0 and not (_positive(b.re) or _negative(b.re)):
+                raise _Refused("division by an interval around 0")
+            return _Complex(b.re ** n)
+        result, square, k = _Complex(ctx.mpf(1)), b, abs(n)
+        while k:
+            _tick()
+            if k & 1:
+                result = _mul(result, square)
+            k >>= 1
+            if k:
+                square = _mul(square, square)
+        return _reciprocal(result, ctx) if n < 0 else result
+    if exponent.is_Rational and exponent.q == 2 and b.im is None and _negative(b.re):  # sqrt(-3) = i sqrt(3)
+        root = _Complex(ctx.mpf(0), ctx.sqrt(-b.re))
+        return _power_of(root, int(exponent.p), ctx)
+    if b.im is None and _positive(b.re) and exponent.is_Rational:
+        e = ctx.mpf(int(exponent.p)) / int(exponent.q)
+        if abs(float(exponent)) * max(abs(_bits(b.re)), 1) > _MAX_BITS:
+            raise _Refused("power too large")
+        return _Complex(ctx.exp(e * ctx.log(b.re)))
+    return _exp(_mul(_evaluate(exponent, point, ctx, scale), _log(b, ctx)), ctx)  # b^w = e^(w log b)
+
+
+def _power_of(x: _Complex, n: int, ctx) -> _Complex:
+    result = _Complex(ctx.mpf(1))
+    for _ in range(abs(n)):
+        result = _mul(result, x)
+    return _reciprocal(result, ctx) if n < 0 else result
+
+
+def _apart(x: _Complex, y: _Complex) -> bool:
+    """Do two complex intervals certainly hold different numbers?"""
+    zero = x.re * 0
+
+    def disjoint(u, v):
+        return u.b < v.a or v.b < u.a
+
+    return disjoint(x.re, y.re) or disjoint(x.im if x.im is not None else zero, y.im if y.im is not None else zero)
+
+
+def _equal_at(a, b, point: dict) -> bool:
+    """Is a == b at `point` (symbol -> (p, q) rational)? Decided with intervals at two precisions:
+    intervals that do not overlap prove a difference; overlapping at the higher precision (at least
+    ~360 digits more than the largest intermediate value) counts as equal."""
+    scale = [0]
+    for bits in (_FIRST_BITS, None):
+        if bits is None:
+            bits = max(_SECOND_BITS, 300 + scale[0])
+            if bits > _MOST_BITS:
+                raise _Refused("needs too much precision")
+        ctx = _ctx(bits)
+        x, y = _evaluate(a, point, ctx, scale), _evaluate(b, point, ctx, scale)
+        scale[0] = max(scale[0], _bits(x.re), _bits(y.re))
+        if _apart(x, y):
+            return False
+    return True
+
+
+def _has_infinity(expr) -> bool:
+    return expr.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
+
+
+def _points(symbols, seed: int = 0):
+    """Random rational points with both signs, the same for every call (deterministic verdicts)."""
+    rng = random.Random(seed)
+    for k in range(1_000):  # the signs run through every combination (bit j of k: sign of symbol j)
+        yield {s: ((-1) ** (k >> j & 1) * rng.randint(1, 97), rng.randint(1, 13)) for j, s in enumerate(symbols)}
+
+
+def _same_value(a, b) -> bool:
+    """Are two SymPy expressions equal? Exactly for rationals; by interval arithmetic otherwise; and with
+    variables, at several random points (a randomized identity test: faster than `simplify`, and bounded)."""
+    if a == b:
+        return True
+    if a.is_Rational and b.is_Rational:
+        return False
+    if _has_infinity(a) or _has_infinity(b):
+        return False
+    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+    if not symbols:
+        return _equal_at(a, b, {})
+    agreed, tried = 0, 0
+    for point in _points(symbols):
+        tried += 1
+        if tried > 12:
+            return False
+        try:
+            if not _equal_at(a, b, point):
+                return False
+        except _Refused:
+            continue  # outside a domain (log of a negative, a pole): try another point
+        agreed += 1
+        if agreed == 4:
+            return True
+
+
+def _proportional(a, b, *, positive: bool = False) -> bool:
+    """a == c*b for a constant c != 0 (c > 0 if `positive`): one equation or inequality written two ways."""
+    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+    if not symbols:
+        return False
+    for bits in (_FIRST_BITS, _SECOND_BITS):
+        ctx, ratio, agreed, tried = _ctx(bits), None, 0, 0
+        for point in _points(symbols, seed=1):
+            tried += 1
+            if tried > 12:
+                return False
+            try:
+                x, y = _evaluate(a, point, ctx, [0]), _evaluate(b, point, ctx, [0])
+                if ratio is None:
+                    ratio = _mul(x, _reciprocal(y, ctx))
+                    if not (_positive(ratio.re) or _negative(ratio.re)) or (positive and not _positive(ratio.re)):
+                        return False
+                elif _apart(x, _mul(ratio, y)):
+                    return False
+            except _Refused:
+                continue
+            agreed += 1
+            if agreed == 4:
+                break
+    return True
+
+# %%
+for pred, gold in near_misses + [("3\\sqrt{13}", "\\sqrt{117}"), ("\\sqrt{3+2\\sqrt{2}}", "1+\\sqrt{2}"),
+                                 ("e^{-100}", "0"), ("\\csc^2 t", "1+\\cot^2 t"), ("\\sqrt{x^2}", "x")]:
+    print(f"{pred:34} vs {gold:11}  equal: {_same_value(parse_math(pred), parse_math(gold))}")
+print("an interval around sqrt(2):", _evaluate(parse_math("\\sqrt{2}"), {}, _ctx(64), [0]).re)
+assert not any(_same_value(parse_math(p), parse_math(g)) for p, g in near_misses)
+assert _same_value(parse_math("\\sqrt{3+2\\sqrt{2}}"), parse_math("1+\\sqrt{2}"))
+assert _same_value(parse_math("\\csc^2 t"), parse_math("1+\\cot^2 t")) and not _same_value(parse_math("\\sqrt{x^2}"), parse_math("x"))
+
+# %% [markdown]
+# ### 4.4 The shapes of answers
+#
+# An answer is not always one number. The comparison first decides the *shape* of each side, then
+# compares shapes:
+#
+# * a **list or set**: `1, -2`, `\{1, 2\}`, `x = 3 \text{ or } x = -4`, `2 \text{ and } 9`; braces
+#   or none, order never matters, and `a \pm b` stands for `a + b` and `a - b`. A single value
+#   equals a one-element set. `\emptyset` is the empty set;
+# * an **interval or region**: unions in any order, `\setminus`, `\mathbb{R}`, and linear
+#   inequalities (`x \ge 2`, `2 < x \le 5`, `x < 2 \text{ or } x > 5`) become SymPy sets, which
+#   put unions in a canonical order and merge what touches: `(0,10) \setminus \{4\}` is
+#   `(0,4) \cup (4,10)`;
+# * an **inequality** against an inequality: both are moved to the form `f > 0` (or `f \ge 0`) and
+#   must have the same strictness and proportional `f` with a positive factor: `-y > -3` is `y < 3`,
+#   `7 \ge y` is `y \le 7`;
+# * an **equation** against an equation: the differences of their sides must be proportional
+#   (`y = 2x + 1` and `2y - 4x = 2`); against a value, an equation with a single variable on the
+#   left counts as its right-hand side (`x = 5` is `5`);
+# * a **tuple** `(3, \frac{\pi}{2})` or interval `[2, 5)`: ordered, brackets must agree;
+# * a **matrix** (`pmatrix`, `bmatrix`, or `array` in brackets; never `vmatrix`, a determinant):
+#   entry by entry. A linear combination of matrices is evaluated first, so an unevaluated sum
+#   matches only if it equals the gold; a column vector also matches a tuple of its entries;
+# * a **percentage** `50\%` matches `50` and `0.5` (but `1000\%` does not match 10);
+# * a **number in a base**: against the gold `61_8`, the digits `61` match (the question asked for
+#   base 8) but the decimal value 49 does not;
+# * anything that does not parse is compared as normalized text (words case-insensitively).
+
+# %%
+#| export: verify
 def _split_top_level(s: str, sep: str = ",") -> list[str]:
     parts, depth, start = [], 0, 0
     for i, c in enumerate(s):
@@ -554,83 +1223,334 @@ def _split_top_level(s: str, sep: str = ",") -> list[str]:
 
 
 def _parts(s: str) -> list[str]:
-    """Top-level comma-separated parts, with "a \\pm b" expanded into a + b and a - b."""
+    """Elements of a list: top-level commas and the words "or"/"and"; "a \\pm b" becomes a + b and a - b."""
     out = []
-    for part in _split_top_level(s):
-        out += [part.replace("\\pm", "+", 1), part.replace("\\pm", "-", 1)] if "\\pm" in part else [part]
+    for piece in _split_top_level(s):
+        for part in re.split(r"\s+(?:or|and)\s+|;", piece):
+            part = part.strip()
+            if part.count("\\pm") == 1:
+                out += [part.replace("\\pm", "+"), part.replace("\\pm", "-")]
+            elif part.count("\\mp") == 1:
+                out += [part.replace("\\mp", "-"), part.replace("\\mp", "+")]
+            elif part:
+                out.append(part)
     return out
 
 
-def _numeric(expr, point) -> complex:
+_RELATION = re.compile(r"<=|>=|<|>")
+
+
+def _relation(s: str):
+    """(parts, operators) of an inequality or a chain of them (a < x <= b), or None."""
+    if "\\begin" in s:
+        return None
+    pieces = _RELATION.split(s)
+    if len(pieces) < 2 or len(pieces) > 3 or "=" in s.replace("<=", "").replace(">=", ""):
+        return None
+    return [p.strip() for p in pieces], _RELATION.findall(s)
+
+
+def _equation(s: str):
+    """(lhs, rhs) of an equation with exactly one '=', or None."""
+    if s.count("=") != 1 or _RELATION.search(s) or "\\begin" in s:
+        return None
+    lhs, rhs = (part.strip() for part in s.split("="))
+    return (lhs, rhs) if lhs and rhs else None
+
+
+def _linear_solution(f, strict: bool):
+    """The set where f > 0 (f >= 0 if not strict), for f linear in one variable; None otherwise."""
+    symbols = list(f.free_symbols)
+    if len(symbols) != 1:
+        return None
+    x = symbols[0]
+    k, c = sympy.diff(f, x), f.subs(x, 0)
+    if k.free_symbols or c.free_symbols or not (k.is_Rational and c.is_number) or k == 0:
+        return None
+    root = -c / k
+    if k > 0:
+        return sympy.Interval(root, sympy.oo, left_open=strict, right_open=True)
+    return sympy.Interval(-sympy.oo, root, left_open=True, right_open=strict)
+
+
+def _inequality(lhs: str, op: str, rhs: str):
+    """(f, strict) with the inequality written as f > 0 or f >= 0, or None."""
+    left, right = _parse(lhs), _parse(rhs)
+    if left is None or right is None:
+        return None
+    f = left - right if op in (">", ">=") else right - left
+    return f, op in ("<", ">")
+
+
+def _bounded_number(expr) -> bool:
+    """A constant we can evaluate within the bounds (safe to hand to SymPy's comparisons), or +-oo."""
+    if expr in (sympy.oo, -sympy.oo):
+        return True
+    if expr.free_symbols or _has_infinity(expr):
+        return False
     try:
-        return complex(sympy.N(expr.subs(point), 30))
-    except (TypeError, ValueError, OverflowError):  # oo, zoo, nan
-        return complex("nan")
+        x = _evaluate(expr, {}, _ctx(_FIRST_BITS), [0])
+        return x.im is None and _bits(x.re) < 3000
+    except _Refused:
+        return False
 
 
-def _values_equal(a, b, relative: float = 1e-6) -> bool:
-    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
-    rng = random.Random(0)
-    points = [{s: sympy.Rational(rng.randint(1, 997), rng.randint(1, 97)) for s in symbols} for _ in range(3 if symbols else 1)]
-    for point in points:
-        x, y = _numeric(a, point), _numeric(b, point)
-        if not (math.isfinite(abs(x)) and math.isfinite(abs(y))):
-            if a != b:
-                return False
+def _region(s: str):
+    """A SymPy set for an interval, a union/intersection/difference of them, a finite set or a linear inequality."""
+    s = s.strip()
+    for op, combine in (("\\cup", sympy.Union), ("\\cap", sympy.Intersection), ("\\setminus", sympy.Complement)):
+        pieces = _split_on_command(s, op)
+        if len(pieces) > 1:
+            sets = [_region(p) for p in pieces]
+            if any(x is None for x in sets):
+                return None
+            return combine(*sets) if combine is not sympy.Complement else functools.reduce(sympy.Complement, sets)
+    if s == "\\emptyset":
+        return sympy.EmptySet
+    if s.startswith("\\{") and s.endswith("\\}"):
+        values = [_parse(p) for p in _parts(s[2:-2])] if s[2:-2].strip() else []
+        if any(v is None or not _bounded_number(v) for v in values):
+            return None
+        return sympy.FiniteSet(*values)
+    interval = re.fullmatch(r"([(\[])(.*)([)\]])", s, flags=re.S)
+    if interval:
+        ends = _split_top_level(interval.group(2))
+        if len(ends) == 2:
+            low, high = _parse(ends[0]), _parse(ends[1])
+            if low is None or high is None or not (_bounded_number(low) and _bounded_number(high)):
+                return None
+            return sympy.Interval(low, high, left_open=interval.group(1) == "(", right_open=interval.group(3) == ")")
+    pieces = _parts(s)
+    if len(pieces) > 1 and all(_relation(p) for p in pieces):  # x < 2 or x > 5
+        sets = [_region(p) for p in pieces]
+        return None if any(x is None for x in sets) else sympy.Union(*sets)
+    relation = _relation(s)
+    if relation:
+        parts, ops = relation
+        result = sympy.Reals
+        for left, op, right in zip(parts, ops, parts[1:]):
+            inequality = _inequality(left, op, right)
+            solution = inequality and _linear_solution(*inequality)
+            if solution is None or not all(_bounded_number(e) for e in (solution.start, solution.end)):
+                return None
+            result = sympy.Intersection(result, solution)
+        return result
+    return None
+
+
+def _split_on_command(s: str, command: str) -> list[str]:
+    """Split at top-level occurrences of a LaTeX command such as \\cup."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        c = s[i]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(command, i) and not s[i + len(command):i + len(command) + 1].isalpha():
+            parts.append(s[start:i])
+            start = i = i + len(command)
             continue
-        if abs(x - y) > relative * max(1.0, abs(y)):
+        i += 1
+    parts.append(s[start:])
+    return [p.strip() for p in parts]
+
+
+def _components(region) -> list:
+    if isinstance(region, sympy.Union):
+        return [c for arg in region.args for c in _components(arg)]
+    if isinstance(region, sympy.FiniteSet):
+        return [("point", v) for v in region.args]
+    if isinstance(region, sympy.Interval):
+        return [("interval", region.start, region.end, region.left_open, region.right_open)]
+    if region == sympy.EmptySet:
+        return []
+    if region == sympy.Reals:
+        return [("interval", -sympy.oo, sympy.oo, True, True)]
+    return [("other", region)]
+
+
+def _same_region(a, b) -> bool:
+    if a == b:
+        return True
+    ca, cb = _components(a), _components(b)
+    if len(ca) != len(cb) or any(c[0] == "other" for c in ca + cb):
+        return False
+    for x, y in zip(ca, cb):
+        if x[0] != y[0] or x[3:] != y[3:] or not all(_same_value(u, v) for u, v in zip(x[1:3], y[1:3])):
             return False
     return True
 
 
-def _proportional(a, b) -> bool:
-    """a == c*b for a nonzero constant c (two equations written differently)."""
-    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
-    rng = random.Random(1)
-    ratios = []
-    for _ in range(3):
-        point = {s: sympy.Rational(rng.randint(1, 997), rng.randint(1, 97)) for s in symbols}
-        x, y = _numeric(a, point), _numeric(b, point)
-        if abs(y) < 1e-12:
-            if abs(x) > 1e-9:
-                return False
-            continue
-        ratios.append(x / y)
-    return bool(ratios) and abs(ratios[0]) > 1e-12 and all(abs(r - ratios[0]) < 1e-6 * abs(ratios[0]) for r in ratios)
+_MATRIX = re.compile(r"\\begin\{(pmatrix|bmatrix|Bmatrix|matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", re.S)
+
+
+def _matrix(s: str):
+    """A matrix (list of rows of SymPy values) for a matrix or a linear combination of matrices, or None.
+
+    Returns "text" when the string holds a matrix we cannot read."""
+    if "\\begin" not in s:
+        return None
+    s = re.sub(r"^\s*(?:[a-zA-Z]|\\vec\s*\{?[a-zA-Z]\}?)\s*=\s*", "", s)  # "v = (matrix)"
+    blocks = []
+
+    def keep(m):
+        rows = [[c.strip() for c in row.replace("\\hline", "").split("&")] for row in m.group(2).split("\\\\") if row.strip()]
+        blocks.append(rows)
+        return f" \x00{len(blocks) - 1}\x00 "
+
+    rest = _MATRIX.sub(keep, s).strip()
+    rest = re.sub(r"^[(\[]\s*(\x00\d+\x00)\s*[)\]]$", r"\1", rest)  # \left[ \begin{array}...\end{array} \right]
+    if not blocks or "\\begin" in rest:
+        return "text"
+    total = None
+    covered = 0
+    rest = re.sub(r"\s+", "", rest)
+    for m in re.finditer(r"([+-]?)([^+\x00-]*?)\x00(\d+)\x00", rest):  # [sign] [coefficient] matrix
+        if m.start() != covered:
+            return "text"
+        covered = m.end()
+        coefficient = m.group(2).removesuffix("\\cdot").removesuffix("*") or "1"
+        c = _parse(coefficient)
+        values = [[_parse(cell) for cell in row] for row in blocks[int(m.group(3))]]
+        if c is None or any(v is None for row in values for v in row) or len({len(r) for r in values}) != 1:
+            return "text"
+        c = -c if m.group(1) == "-" else c
+        scaled = [[c * v for v in row] for row in values]
+        if total is not None and [len(r) for r in total] != [len(r) for r in scaled]:
+            return "text"
+        total = scaled if total is None else [[u + v for u, v in zip(r, q)] for r, q in zip(total, scaled)]
+    return total if total is not None and covered == len(rest) else "text"
+
+
+def _same_matrix(a, b) -> bool:
+    return (len(a) == len(b) and all(len(r) == len(q) for r, q in zip(a, b))
+            and all(_same_value(u, v) for r, q in zip(a, b) for u, v in zip(r, q)))
+
+# %% [markdown]
+# Finally the public functions. `score_response` is **the one scoring rule** of the book: the
+# evaluation harness (section 7) and the reward of chapter 5 both call it, so a truncated response
+# is treated the same way in both. `grade` is its yes/no form.
+
+# %%
+#| export: verify
+def _plain(s: str) -> str:
+    return re.sub(r"[\s{}]", "", s)
+
+
+def _approximation_matches(decimal: str, other) -> bool:
+    """A decimal with at least 6 significant digits approximates `other` if it is `other` rounded or cut
+    off at its last stated digit."""
+    digits = decimal.lstrip("-").replace(".", "").lstrip("0")
+    if "." not in decimal or len(digits) < 6 or other.free_symbols or _has_infinity(other):
+        return False
+    d = sympy.Rational(decimal)
+    ulp = sympy.Rational(1, 10 ** len(decimal.split(".")[1]))
+    x = _evaluate(other, {}, _ctx(_SECOND_BITS), [0])
+    if x.im is not None:
+        return False
+    v = x.re
+    low, high = (d - ulp / 2, d + ulp / 2)
+    rounded = v.a >= _ctx(_SECOND_BITS).mpf(int(low.p)) / int(low.q) and v.b <= _ctx(_SECOND_BITS).mpf(int(high.p)) / int(high.q)
+    cut_low, cut_high = (d, d + ulp) if d >= 0 else (d - ulp, d)
+    ctx = _ctx(_SECOND_BITS)
+    cut = v.a >= ctx.mpf(int(cut_low.p)) / int(cut_low.q) and v.b < ctx.mpf(int(cut_high.p)) / int(cut_high.q)
+    return bool(rounded or cut)
+
+
+_DECIMAL = re.compile(r"-?\d*\.\d+")
 
 
 def _scalar_match(pred: str, gold: str) -> bool:
-    if pred == gold or pred.lower() == gold.lower():
+    if pred == gold or re.fullmatch(r"[A-Za-z][A-Za-z ]+", pred) and pred.lower() == gold.lower():  # Monday, monday
         return True
-    pred_eq, gold_eq = pred.count("=") == 1, gold.count("=") == 1
-    if pred_eq and gold_eq:
-        (pl, pr), (gl, gr) = pred.split("="), gold.split("=")
-        a, b = parse_math(f"({pl})-({pr})"), parse_math(f"({gl})-({gr})")
-        return a is not None and b is not None and (_values_equal(a, b) or _proportional(a, b))
-    if pred_eq != gold_eq:  # "x = 5" vs "5": keep the right-hand side
-        lhs, rhs = (pred if pred_eq else gold).split("=")
-        if re.fullmatch(r"\s*[a-zA-Z]\s*", lhs):
-            return _scalar_match(rhs.strip(), gold) if pred_eq else _scalar_match(pred, rhs.strip())
-        return False
+    pe, ge = _equation(pred), _equation(gold)
+    if pe and ge:
+        a, b = _parse(f"({pe[0]})-({pe[1]})"), _parse(f"({ge[0]})-({ge[1]})")
+        return a is not None and b is not None and (_same_value(a, b) or _proportional(a, b))
+    if pe or ge:  # "x = 5" vs "5": keep the right-hand side when the left is a variable
+        lhs, rhs = pe or ge
+        if not re.fullmatch(r"[a-zA-Z]|\\(?:" + "|".join(_GREEK) + ")", lhs):
+            return False
+        return _match(rhs, gold) if pe else _match(pred, rhs)
+    pr, gr = _relation(pred), _relation(gold)
+    if pr or gr:
+        if pr and gr and len(pr[1]) == len(gr[1]) == 1:
+            a, b = _inequality(pr[0][0], pr[1][0], pr[0][1]), _inequality(gr[0][0], gr[1][0], gr[0][1])
+            if a and b and a[1] == b[1] and _proportional(a[0], b[0], positive=True):
+                return True
+        ra, rb = _region(pred), _region(gold)
+        return ra is not None and rb is not None and _same_region(ra, rb)
     if pred.endswith("%") or gold.endswith("%"):
         p, g = pred.rstrip("%").strip(), gold.rstrip("%").strip()
-        p_val, g_val = parse_math(p), parse_math(g)
+        p_val, g_val = _parse(p), _parse(g)
         if p_val is None or g_val is None:
             return False
-        if _values_equal(p_val, g_val):
+        if _same_value(p_val, g_val):
             return True
-        return _values_equal(p_val / 100, g_val) if pred.endswith("%") else _values_equal(p_val, g_val / 100)
-    a, b = parse_math(pred), parse_math(gold)
+        if pred.endswith("%") and not gold.endswith("%") and not g_val.is_Integer:  # 50% vs 0.5
+            return _same_value(p_val / 100, g_val)
+        if gold.endswith("%") and not pred.endswith("%") and not p_val.is_Integer:
+            return _same_value(p_val, g_val / 100)
+        return False
+    pb, gb = re.fullmatch(r"([0-9A-Za-z]+)_(\d+)", pred), re.fullmatch(r"([0-9A-Za-z]+)_(\d+)", gold)
+    if pb or gb:  # a number in base n: the same digits (a bare number is read in the gold's base)
+        if pb and gb:
+            return pb.groups() == gb.groups() or pb.group(1).lower() == gb.group(1).lower() and pb.group(2) == gb.group(2)
+        if pb:  # a numeral in base n against a plain number: compare values (1010_2 = 10)
+            digits, base = pb.group(1).lower(), int(pb.group(2))
+            if not 2 <= base <= 36 or any(int(ch, 36) >= base for ch in digits) or not re.fullmatch(r"\d+", gold):
+                return False
+            return int(digits, base) == int(gold)
+        digits, base = gb.group(1).lower(), int(gb.group(2))  # the gold's base, the digits alone (61 for 61_8)
+        return (pred.lstrip("0") or "0").lower() == digits
+    a, b = _parse(pred), _parse(gold)
     if a is None or b is None:
-        return re.sub(r"[\s{}]", "", pred).lower() == re.sub(r"[\s{}]", "", gold).lower()
-    return _values_equal(a, b)
+        return _plain(pred) == _plain(gold)
+    if _DECIMAL.fullmatch(pred) and _approximation_matches(pred, b):
+        return True
+    if _DECIMAL.fullmatch(gold) and _approximation_matches(gold, a):
+        return True
+    return _same_value(a, b)
 
 
-def _lists_match(preds: list[str], golds: list[str], ordered: bool) -> bool:
+def _shape(s: str) -> str:
+    if "\\begin" in s:
+        return "matrix"
+    if s == "\\emptyset" or (s.startswith("\\{") and s.endswith("\\}")):
+        return "set"
+    if any(_split_on_command(s, op)[1:] for op in ("\\cup", "\\cap", "\\setminus")):
+        return "region"
+    if len(_parts(s)) > 1:
+        return "list"
+    if re.fullmatch(r"[(\[].*,.*[)\]]", s, flags=re.S) and len(_split_top_level(s[1:-1])) > 1 and _balanced(s[1:-1]):
+        return "tuple"
+    if _relation(s):
+        return "relation"
+    return "scalar"
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    for c in s:
+        depth += 1 if c in "([{" else -1 if c in ")]}" else 0
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _same_elements(preds: list[str], golds: list[str]) -> bool:
+    """Equal as sets: every element of each side matches one of the other, duplicates ignored."""
+    def unique(items):
+        kept = []
+        for item in items:
+            if not any(_match(item, k) for k in kept):
+                kept.append(item)
+        return kept
+
+    preds, golds = unique(preds), unique(golds)
     if len(preds) != len(golds):
         return False
-    if ordered:
-        return all(_match(p, g) for p, g in zip(preds, golds))
     remaining = list(golds)
     for p in preds:
         hit = next((k for k, g in enumerate(remaining) if _match(p, g)), None)
@@ -640,71 +1560,121 @@ def _lists_match(preds: list[str], golds: list[str], ordered: bool) -> bool:
     return True
 
 
-def _matrix(s: str) -> list[list[str]] | None:
-    s = re.sub(r"^\s*(?:[a-zA-Z]|\\mathbf\{[a-zA-Z]\}|\\vec\{[a-zA-Z]\})\s*=\s*(?=\\begin)", "", s)  # "v = (matrix)"
-    m = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s, flags=re.S)
-    return None if m is None else [[c.strip() for c in row.split("&")] for row in m.group(1).split("\\\\") if row.strip()]
+def _elements(s: str, shape: str) -> list[str]:
+    if s == "\\emptyset":
+        return []
+    return _parts(s[2:-2]) if shape == "set" else _parts(s)
 
 
 def _match(pred: str, gold: str) -> bool:
+    _tick()
     pred, gold = normalize_answer(pred), normalize_answer(gold)
     if pred == gold:
         return True
-    pm, gm = _matrix(pred), _matrix(gold)
-    if pm is not None or gm is not None:
-        return pm is not None and gm is not None and len(pm) == len(gm) and all(
-            _lists_match(p, g, ordered=True) for p, g in zip(pm, gm))
-    for opening, closing in (("\\{", "\\}"),):
-        if pred.startswith(opening) and gold.startswith(opening) and pred.endswith(closing) and gold.endswith(closing):
-            return _lists_match(_parts(pred[2:-2]), _parts(gold[2:-2]), ordered=False)
-    pred_parts, gold_parts = _parts(pred), _parts(gold)
-    if len(pred_parts) > 1 or len(gold_parts) > 1:
-        return _lists_match(pred_parts, gold_parts, ordered=False)
-    bracketed = re.compile(r"([(\[])(.*)([)\]])", flags=re.S)
-    pb, gb = bracketed.fullmatch(pred), bracketed.fullmatch(gold)
-    if pb and gb and "," in pb.group(2) and "," in gb.group(2):  # tuples and intervals: ordered, brackets matter
-        return (pb.group(1), pb.group(3)) == (gb.group(1), gb.group(3)) and _lists_match(
-            _split_top_level(pb.group(2)), _split_top_level(gb.group(2)), ordered=True)
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return _plain(pred) == _plain(gold)
+    ps, gs = _shape(pred), _shape(gold)
+    if "matrix" in (ps, gs):
+        pm, gm = _matrix(pred), _matrix(gold)
+        if {ps, gs} == {"matrix", "tuple"}:  # a vector written as a tuple: (1, 2) vs a column or row
+            vector, entries = (pm, gold) if ps == "matrix" else (gm, pred)
+            if not isinstance(vector, list) or entries[0] != "(" or not (len(vector) == 1 or {len(r) for r in vector} == {1}):
+                return False
+            values = [_parse(e) for e in _split_top_level(entries[1:-1])]
+            flat = [v for row in vector for v in row]
+            return None not in values and len(values) == len(flat) and all(_same_value(u, v) for u, v in zip(values, flat))
+        if isinstance(pm, list) and isinstance(gm, list):
+            return _same_matrix(pm, gm)
+        return pm == gm == "text" and _plain(pred) == _plain(gold)
+    if "region" in (ps, gs) or {ps, gs} in ({"tuple", "relation"}, {"set", "relation"}, {"list", "relation"}):
+        ra, rb = _region(pred), _region(gold)
+        return ra is not None and rb is not None and _same_region(ra, rb)
+    if ps in ("set", "list") or gs in ("set", "list"):
+        if "tuple" in (ps, gs):
+            return False
+        return _same_elements(_elements(pred, ps) if ps != "scalar" else [pred],
+                              _elements(gold, gs) if gs != "scalar" else [gold])
+    if ps == "tuple" or gs == "tuple":
+        if ps != gs or (pred[0], pred[-1]) != (gold[0], gold[-1]):
+            return False
+        pp, gp = _split_top_level(pred[1:-1]), _split_top_level(gold[1:-1])
+        return len(pp) == len(gp) and all(_match(p, g) for p, g in zip(pp, gp))
     return _scalar_match(pred, gold)
 
 
 def answers_match(pred: str | None, gold: str | None) -> bool:
-    """True if two answer strings denote the same mathematical object. Never raises."""
+    """True if two answer strings denote the same mathematical object. Never raises; uses at most about
+    TIME_LIMIT_S of CPU time, on any thread (what cannot be decided by then counts as no match)."""
     if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
         return False
-    if len(pred) > 20 * MAX_ANSWER_CHARS:
+    if len(pred) > 20 * MAX_ANSWER_CHARS or len(gold) > 20 * MAX_ANSWER_CHARS:
         return False
     try:
         with _time_limit(TIME_LIMIT_S):
             return bool(_match(pred, gold))
-    except Exception:  # TimeoutError, and anything SymPy throws on odd input
+    except Exception:  # _OutOfTime, _Refused, and anything SymPy throws on odd input
         return False
 
 
-def grade(response: str, gold: str, *, dataset: str = "gsm8k") -> bool:
-    """Is the final answer in `response` equivalent to `gold`? `dataset` is "gsm8k" or "math"."""
+@dataclasses.dataclass(frozen=True)
+class Score:
+    answer: str | None  # the extracted answer (None if there is none, or only a guess from a cut-off response)
+    rule: str  # the extraction rule, or "truncated"
+    correct: bool
+
+
+def score_response(response: str, gold: str, *, truncated: bool = False) -> Score:
+    """The one scoring rule, for evaluation and for rewards: extract the final answer and compare it with
+    `gold`. A response cut off by the token limit (`truncated`) only counts if it stated its answer:
+    a fallback guess (the last number or formula of unfinished reasoning) is not an answer."""
+    found = extract(response)
+    answer, rule = found.answer, found.rule
+    if truncated and rule in FALLBACK_RULES:
+        answer, rule = None, "truncated"
+    return Score(answer, rule, answers_match(answer, gold))
+
+
+def grade(response: str, gold: str, *, dataset: str = "gsm8k", truncated: bool = False) -> bool:
+    """Is the final answer in `response` equivalent to `gold`? `dataset` is "gsm8k" or "math";
+    `truncated`: the response hit the token limit (see `score_response`)."""
     if dataset not in ("gsm8k", "math"):
         raise ValueError(f"dataset must be 'gsm8k' or 'math', got {dataset!r}")
-    return answers_match(extract_answer(response), gold)
-
+    return score_response(response, gold, truncated=truncated).correct
 
 # %% [markdown]
 # ### The verifier's report card
 #
-# A table of tricky cases, each with the verdict we *want*. The second half are pairs the verifier
-# must reject: close is not equal.
+# A table of tricky cases of every kind above, each with the verdict we *want*. About half are pairs
+# the verifier must reject: close is not equal.
 
 # %%
 CASES = [  # (prediction, gold, expected)
-    ("0.5", "\\frac{1}{2}", True), ("\\dfrac{14}{3}", "\\frac{14}{3}", True), ("\\frac12", "0.5", True),
-    ("\\sqrt{117}", "3\\sqrt{13}", True), ("9i + 6", "6+9i", True), ("90", "90^\\circ", True),
-    ("5", "x=5", True), ("-2, 1", "1,-2", True), ("1234", "\\$1,234", True), ("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
-    ("Evelyn", "\\text{Evelyn}", True), ("50\\%", "0.5", True), ("2 \\pm \\sqrt{3}", "2+\\sqrt3, 2-\\sqrt3", True),
-    ("y = 2x + 1", "2y - 4x = 2", True), ("x^2 + 2x + 1", "(x+1)^2", True), ("\\{1, 2\\}", "\\{2, 1\\}", True),
-    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
-    ("[2, 5)", "[2,5)", True), ("\\pi", "\\pi", True), ("72 clips", "72", True), ("(C)", "\\text{(C)}", True),
-    ("0.333", "\\frac{1}{3}", False), ("[2, 5]", "[2, 5)", False), ("(1, 2)", "(2, 1)", False),
-    ("x^2 + 2x", "(x+1)^2", False), ("6-9i", "6+9i", False), ("1, 2", "1, 2, 3", False), ("73", "72", False),
+    # values and exactness
+    ("0.5", "\\frac{1}{2}", True), ("\\dfrac{14}{3}", "\\frac{14}{3}", True), ("\\sqrt{117}", "3\\sqrt{13}", True),
+    ("9i + 6", "6+9i", True), ("6-9i", "6+9i", False), ("73", "72", False), ("1000001", "1000000", False),
+    ("2^{31}-1", "2^{31}", False), ("10^{-20}", "0", False), ("1267650600228229401496703205377", "2^{100}", False),
+    ("0.333333", "\\frac{1}{3}", True), ("0.333", "\\frac{1}{3}", False), ("3.14", "\\pi", False),
+    # numbers in other clothes
+    ("3\\frac{1}{4}", "\\frac{13}{4}", True), ("3\\frac{1}{4}", "\\frac{3}{4}", False), ("\\cfrac{1}{2}", "0.5", True),
+    ("3.1e8", "3.1 \\times 10^{8}", True), ("4.7E-3", "0.047", False), ("1,\\!000", "1000", True), ("3\u221a5", "\\sqrt{45}", True),
+    # units, words, bases, choices
+    ("90", "90^\\circ", True), ("1234", "\\$1,234", True), ("72 clips", "72", True), ("16", "16\\mbox{ feet}^2", True),
+    ("9^{\\text{th}} \\text{ floor}", "9", True), ("17 \\text{ feet}", "16", False), ("61", "61_8", True), ("49", "61_8", False),
+    ("(C)", "\\text{(C)}", True), ("\\text{(B) Circle}", "\\text{(B)}", True), ("\\text{(B) Circle}", "(C)", False),
+    ("Evelyn", "\\text{Evelyn}", True), ("50\\%", "0.5", True), ("1000\\%", "10", False),
+    # lists, sets, intervals, relations
+    ("5", "x=5", True), ("-2, 1", "1,-2", True), ("x=3 \\text{ or } x=-4", "\\{3, -4\\}", True), ("1, 2", "1, 2, 3", False),
+    ("2 \\pm \\sqrt{3}", "2+\\sqrt3, 2-\\sqrt3", True), ("\\varnothing", "\\emptyset", True), ("\\emptyset", "\\{0\\}", False),
+    ("(2,\\infty)\\cup(-\\infty,1)", "(-\\infty, 1) \\cup (2, \\infty)", True), ("(0,10) \\setminus \\{4\\}", "(0,4)\\cup(4,10)", True),
+    ("(0,4)\\cup(4,10)", "(0,10)", False), ("[2, 5]", "[2, 5)", False), ("x \\in [2,5]", "[2,5]", True),
+    ("7 \\geq y", "y \\le 7", True), ("-y > -3", "y < 3", True), ("y \\ge 2", "y > 2", False),
+    ("y = 2x + 1", "2y - 4x = 2", True), ("x + 2y = 5", "2x + y = 5", False), ("(a,b)=(5,1)", "(5,1)", True), ("(1, 2)", "(2, 1)", False),
+    # expressions and matrices
+    ("x^2 + 2x + 1", "(x+1)^2", True), ("x^2 + 2x", "(x+1)^2", False), ("\\csc^2 t", "1+\\cot^2 t", True),
+    ("\\tan x", "\\sin x/\\cos x", True), ("\\sqrt{x^2}", "x", False),
+    ("\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix} + \\begin{pmatrix} 3 \\\\ 4 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False),
+    # refused or malformed
     ("9^{9^{9^9}}", "1", False), ("", "5", False), (None, "5", False), ("__import__('os').system('ls')", "0", False),
 ]
 import time
@@ -732,34 +1702,49 @@ assert not wrong, wrong
 # %% [markdown]
 # Deliberate rejections, and why:
 #
-# * `0.333` vs `\frac13`: a rounded decimal is a different number. MATH's graders (and ours) want
-#   the exact value; a 1e-6 relative tolerance only absorbs floating-point noise.
-# * `[2, 5]` vs `[2, 5)`: an interval's brackets are part of the answer.
-# * `(1, 2)` vs `(2, 1)`: a tuple is ordered; only bare lists are compared as multisets.
-# * `9^{9^{9^9}}`: refused before any arithmetic, so its comparison fails fast instead of running
-#   forever.
+# * `1000001` vs `1000000`, `2^{31}-1` vs `2^{31}`, `10^{-20}` vs `0`: close is not equal (4.3).
+# * `0.333` vs `\frac13`, `3.14` vs `\pi`: a decimal with few digits is a different number, not an
+#   approximation we accept; MATH's graders want the exact value.
+# * `49` vs `61_8`: the question asked for base 8; 49 is the right value in the wrong base.
+# * `1000\%` vs `10`: a percentage is divided by 100 only to match a gold that is a fraction.
+# * `[2, 5]` vs `[2, 5)`: an interval's brackets are part of the answer; `(1, 2)` vs `(2, 1)`: a
+#   tuple is ordered; only lists and sets are compared without order.
+# * `\sqrt{x^2}` vs `x`: they differ for negative `x`, which is why the random points have both
+#   signs.
+# * the sum of two matrices against one of them: it is evaluated, and it is not that matrix.
+# * `9^{9^{9^9}}`: refused before any arithmetic, so its comparison fails fast.
 #
 # **Safety.** Model output never reaches `eval` or `sympify`; it is tokenized by a whitelist
-# grammar. Pathological inputs must return quickly and never raise:
+# grammar. Pathological inputs must return quickly and never raise, and the time bound must hold in
+# worker threads too, where rewards will be computed. We run each input through every public
+# function on four threads at once:
 
 # %%
+from concurrent.futures import ThreadPoolExecutor
+
 nasty = ["9^{9^{9^9}}", "{" * 5000, "\\frac{" * 2000, "1" * 100_000, "x" * 100_000, "(" * 10_000 + ")" * 10_000,
-         "\\boxed{" + "\\sqrt{" * 3000 + "2" + "}" * 3000 + "}", "10^{10^{10}}!", "\\sqrt[1000000]{2}^{99999999}"]
-worst = 0.0
-for s in nasty:
+         "\\boxed{" + "\\sqrt{" * 3000 + "2" + "}" * 3000 + "}", "10^{10^{10}}!", "\\sqrt[1000000]{2}^{99999999}",
+         "e^{e^{e^{e^{e}}}}", "\\exp(\\exp(\\exp(\\exp(10))))", "(x^{999})^{999}", "\\sin(10^{1999})", "x^{x^{x^{x}}}",
+         "a" * 5000 + "1", "\\boxed{1} " * 600, ", ".join(str(k) for k in range(140))]
+
+
+def seconds_for(s: str) -> float:
     t0 = time.perf_counter()
-    grade(s, "2", dataset="math"), answers_match(s, s), extract(s)
-    worst = max(worst, time.perf_counter() - t0)
-print(f"worst case over {len(nasty)} pathological inputs: {1000 * worst:.0f} ms")
-assert worst < 5
+    grade(s, "2", dataset="math"), answers_match(s, s), answers_match(s, "e^{e^{e^{e^{e}}}}"), extract(s), parse_math(s)
+    return time.perf_counter() - t0
+
+
+with ThreadPoolExecutor(max_workers=4) as pool:
+    times = list(pool.map(seconds_for, nasty))
+print(f"worst of {len(nasty)} pathological inputs on worker threads: {1000 * max(times):.0f} ms")
+assert max(times) < 2  # generous: the point is that nothing runs away
 
 # %% [markdown]
 # ### A second opinion: Hugging Face `math-verify`
 #
 # `math-verify` is a widely used rule-based verifier (it is what the Open R1 project grades with).
-# We run both on our cases and on pairs of real MATH-500 reference answers with reformatted
-# twins. Agreement on these is a sanity check, and every disagreement is worth reading.
-# (`math-verify` is a test-time dependency only: `pip install math-verify`.)
+# We run both on our cases. (`math-verify` is a test-time dependency only: `pip install
+# math-verify`.)
 
 # %%
 try:
@@ -784,17 +1769,46 @@ def math_verify_says(pred, gold):
 if mv_parse is not None:
     for r in rows:
         r["math_verify"] = math_verify_says(r["prediction"], r["gold"])
-    agree = sum(r["math_verify"] == r["verifier"] for r in rows) / len(rows)
-    print(f"agreement with math-verify on our {len(rows)} cases: {agree:.0%}; disagreements:")
+    agree = sum(r["math_verify"] == r["expected"] for r in rows) / len(rows)
+    print(f"math-verify agrees with the expected verdict on {agree:.0%} of our {len(rows)} cases; where it does not:")
     show_table([{k: r[k] for k in ("prediction", "gold", "expected", "verifier", "math_verify")}
-                for r in rows if r["math_verify"] != r["verifier"]])
+                for r in rows if r["math_verify"] != r["expected"]])
 
 # %% [markdown]
-# On these hand-made cases the two verifiers agree except for `72 clips`: we strip a trailing
-# unit or noun after a number, `math-verify` does not. (`tests/test_verify.py` checks that both
-# give the same verdicts on another 38 cases.) Agreement on cases we wrote ourselves proves little,
-# so after the baseline run below we repeat the comparison on 300 real model responses.
-#
+# Agreement on cases we wrote while building the verifier proves little. A fairer test is a set of
+# cases labelled by *reading* them, not by running either verifier:
+# `benchmarks/verify_hard_cases.json` holds 241 real responses from the runs of this chapter and the
+# next (every MATH response, and samples of the GSM8K ones: boxed, unboxed, cut off, degenerate) and
+# a few hundred hand-written responses and answers of every kind in this section, including the
+# near misses that must be rejected. Each is labelled "is the final answer of this response the gold
+# answer?". Both verifiers get the full response and do their own extraction.
+
+# %%
+import json
+from pathlib import Path
+
+root = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "benchmarks" / "verify_hard_cases.json").exists())
+hard = json.loads((root / "benchmarks" / "verify_hard_cases.json").read_text())["cases"]
+ours = [score_response(c["response"], c["gold"], truncated=c["truncated"]).correct for c in hard]
+labels = [c["label"] for c in hard]
+verdicts = {"ours": ours}
+if mv_parse is not None:
+    def mv_on_response(c):
+        try:
+            return bool(mv_verify(mv_parse(f"${c['gold']}$"), mv_parse(c["response"])))
+        except Exception:
+            return False
+
+    verdicts["math-verify"] = [mv_on_response(c) for c in hard]
+print(f"{len(hard)} labelled cases ({sum(labels)} correct answers)")
+for name, v in verdicts.items():
+    fp = sum(x and not y for x, y in zip(v, labels))
+    fn = sum(y and not x for x, y in zip(v, labels))
+    print(f"{name:12} agreement {sum(x == y for x, y in zip(v, labels)) / len(hard):.1%}   "
+          f"false positives {fp:2d}   false negatives {fn:2d}")
+assert not any(x and not y for x, y in zip(ours, labels))  # no reward for a wrong answer
+
+# %% [markdown]
 # ## 5. The data
 #
 # One record type for both benchmarks:
@@ -1034,10 +2048,21 @@ def stop_strings(template: str) -> list[str] | None:
 # with the prompt, the response(s), the extracted answer(s), correctness, token counts and time —
 # and flushed to disk. Re-running with the same settings reads the file and only generates what is
 # missing; an interrupted run (a closed laptop, a killed kernel) loses at most one batch, and a
-# half-written last line is ignored. The run's settings are stored next to the records, and a
-# rerun with different settings under the same name is refused rather than mixed. Records keep
-# the raw responses, and grading is re-done from them whenever a run is loaded, so an improved
-# verifier applies to old runs without generating anything again.
+# half-written last line is dropped and redone. The run's settings are stored next to the records,
+# and a rerun with different settings under the same name is refused rather than mixed. Records
+# keep the raw responses, and grading is re-done from them whenever a run is loaded, with the same
+# `score_response` that will compute rewards, so an improved verifier applies to old runs without
+# generating anything again; when that changes a verdict, the file is rewritten with the new
+# grades, so the records on disk always say what the chapter reports.
+#
+# A run is identified by its settings (`EvalSettings`): the template, the sampling parameters, the
+# token limit, the seed, and the **weights**. The model's name is not enough: chapters 5 and 6 train
+# the model, and a trained checkpoint must never be served the records of the model it started
+# from. `evaluate` therefore adds the weights' SHA-256 (`weights_fingerprint`, chapter 1: the
+# checkpoint file's hash for a freshly loaded model, a hash of the tensors once they change) to the
+# settings, and so to the run's file name. Sampling is reproducible per problem: problem `p` draws
+# from the seed `derive_seed(seed, p.id)`, so a run that was interrupted and resumed, or run with
+# another batch size, produces exactly the samples of one uninterrupted run.
 #
 # `summarize` turns records into the numbers we report: accuracy with a **Wilson 95% confidence
 # interval** (better behaved than ±1.96·√(p(1−p)/n) for small n or extreme p), accuracy per
@@ -1058,14 +2083,20 @@ from collections import defaultdict
 from pathlib import Path
 
 from rlscratch.data import Problem
-from rlscratch.generate import generate
+from rlscratch.generate import derive_seed, generate
+from rlscratch.model import weights_fingerprint
 from rlscratch.prompts import format_prompt, stop_strings
 from rlscratch.results import results_dir
-from rlscratch.verify import FALLBACK_RULES, answers_match, extract
+from rlscratch.verify import score_response
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
+    """What a run is: its records are reused only for exactly these settings.
+
+    `model` is a readable name; `weights` is what identifies the model: the SHA-256 of its weights
+    (`rlscratch.model.weights_fingerprint`), filled in by `evaluate` when left empty, so a trained
+    checkpoint never reuses the records of the model it started from."""
     model: str
     template: str = "chat"
     max_new_tokens: int = 512
@@ -1073,6 +2104,7 @@ class EvalSettings:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
+    weights: str | None = None
 
     def run_name(self, dataset: str) -> str:
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -1080,44 +2112,49 @@ class EvalSettings:
 
 
 def grade_record(record: dict) -> dict:
-    """(Re)compute a record's extracted answers, rules and correctness from its responses.
-
-    A response cut off by the token limit only counts if it stated an answer (e.g. a \\boxed{}):
-    a fallback guess from a truncated response is recorded as no answer (rule "truncated").
-    """
-    extracted, rules, correct = [], [], []
-    for text, finish in zip(record["responses"], record["finish"]):
-        found = extract(text)
-        answer, rule = found.answer, found.rule
-        if finish == "length" and rule in FALLBACK_RULES:
-            answer, rule = None, "truncated"
-        extracted.append(answer)
-        rules.append(rule)
-        correct.append(answers_match(answer, record["gold"]))
-    record.update(extracted=extracted, rules=rules, correct=correct)
+    """(Re)compute a record's extracted answers, rules and correctness from its responses, with the
+    book's one scoring rule (`rlscratch.verify.score_response`): a response cut off by the token limit
+    only counts if it stated an answer; a fallback guess from it is recorded as no answer ("truncated")."""
+    scores = [score_response(text, record["gold"], truncated=finish == "length")
+              for text, finish in zip(record["responses"], record["finish"])]
+    record.update(extracted=[s.answer for s in scores], rules=[s.rule for s in scores], correct=[s.correct for s in scores])
     return record
 
 
 def _load_records(path: Path) -> dict[str, dict]:
-    records = {}
+    """The run's records, graded by the current verifier. If that changes any verdict, the file is
+    rewritten, so the records on disk always agree with what the harness reports."""
+    records, stale = {}, False
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by an interruption: redo that problem
+                stale = True
                 continue
-            records[record["id"]] = grade_record(record)  # graded by the current verifier
+            before = (record.get("extracted"), record.get("rules"), record.get("correct"))
+            records[record["id"]] = grade_record(record)
+            stale |= before != (record["extracted"], record["rules"], record["correct"])
+    if stale and records:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()), encoding="utf-8")
+        os.replace(tmp, path)
     return records
 
 
 def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, *, batch_size: int = 16,
              run_dir: Path | None = None, progress: bool = True) -> list[dict]:
-    """Evaluate `problems`, resuming from (and appending to) the run's JSONL file. Returns records in order."""
+    """Evaluate `problems`, resuming from (and appending to) the run's JSONL file. Returns records in order.
+
+    Sampling is reproducible per problem: problem p draws from seed derive_seed(settings.seed, p.id), so an
+    interrupted and resumed run, or one with another batch size, gives the same samples as a single run."""
     if not problems:
         raise ValueError("no problems to evaluate")
     datasets = {p.dataset for p in problems}
     if len(datasets) != 1:
         raise ValueError(f"one dataset per run, got {sorted(datasets)}")
+    if settings.weights is None:
+        settings = dataclasses.replace(settings, weights=weights_fingerprint(model))
     run_dir = Path(run_dir or results_dir() / "runs")
     run_dir.mkdir(parents=True, exist_ok=True)
     name = settings.run_name(datasets.pop())
@@ -1140,7 +2177,7 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     for start in range(0, len(todo), per_batch):
         chunk = todo[start:start + per_batch]
         prompts = [format_prompt(tokenizer, p.question, settings.template) for p in chunk]
-        seed = None if settings.temperature == 0 else settings.seed + len(done) + start
+        seed = None if settings.temperature == 0 else [derive_seed(settings.seed, p.id) for p in chunk]
         t0 = time.perf_counter()
         completions = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
@@ -1215,10 +2252,11 @@ def summarize(records: list[dict]) -> dict:
 from pathlib import Path
 
 from rlscratch.generate import generate, pack_for_cpu
-from rlscratch.model import load_model
+from rlscratch.model import load_model, weights_fingerprint
 
 model, tokenizer = load_model(MODEL, device=DEVICE)
 model = pack_for_cpu(model)  # chapter 1: identical outputs, faster decoding on a CPU (no-op elsewhere)
+print("weights:", weights_fingerprint(model))  # part of every run's key
 scratch = Path(tempfile.mkdtemp())
 check = EvalSettings(model=MODEL, max_new_tokens=8)
 first = evaluate(model, tokenizer, gsm8k[:2], check, run_dir=scratch, progress=False)
@@ -1226,7 +2264,7 @@ log = next(scratch.glob("*.jsonl"))
 log.write_text(log.read_text()[:-40])  # the last record loses its end
 second = evaluate(model, tokenizer, gsm8k[:2], check, run_dir=scratch, progress=False)
 assert [r["responses"] for r in first] == [r["responses"] for r in second]
-assert len(log.read_text().splitlines()) == 3  # two good records + the redone one after the broken line
+assert len(log.read_text().splitlines()) == 2  # the good record, and the damaged one redone
 print("resume check passed:", [r["extracted"] for r in second])
 
 # %% [markdown]
@@ -1349,8 +2387,10 @@ if not SMOKE:
 # %% [markdown]
 # ## Summary
 #
-# * `rlscratch.verify`: `extract_answer`, `answers_match`, `grade` — extraction with named rules,
-#   normalization, and SymPy-backed equivalence through a whitelist parser, bounded in time;
+# * `rlscratch.verify`: `extract`, `answers_match`, `score_response` (the one scoring rule for
+#   evaluation and reward) and `grade` — extraction with named rules, normalization, a whitelist
+#   parser, exact comparison (rationals, interval arithmetic, random points) of values, lists, sets,
+#   intervals, relations and matrices, bounded in time on any thread;
 # * `rlscratch.data`: GSM8K and MATH-500 as `Problem` records, from a local folder or the Hub;
 # * `rlscratch.prompts`: the named templates;
 # * `rlscratch.evaluate`: a resumable harness and `summarize`.

@@ -14,14 +14,20 @@ from collections import defaultdict
 from pathlib import Path
 
 from rlscratch.data import Problem
-from rlscratch.generate import generate
+from rlscratch.generate import derive_seed, generate
+from rlscratch.model import weights_fingerprint
 from rlscratch.prompts import format_prompt, stop_strings
 from rlscratch.results import results_dir
-from rlscratch.verify import FALLBACK_RULES, answers_match, extract
+from rlscratch.verify import score_response
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
+    """What a run is: its records are reused only for exactly these settings.
+
+    `model` is a readable name; `weights` is what identifies the model: the SHA-256 of its weights
+    (`rlscratch.model.weights_fingerprint`), filled in by `evaluate` when left empty, so a trained
+    checkpoint never reuses the records of the model it started from."""
     model: str
     template: str = "chat"
     max_new_tokens: int = 512
@@ -29,6 +35,7 @@ class EvalSettings:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
+    weights: str | None = None
 
     def run_name(self, dataset: str) -> str:
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -36,44 +43,49 @@ class EvalSettings:
 
 
 def grade_record(record: dict) -> dict:
-    """(Re)compute a record's extracted answers, rules and correctness from its responses.
-
-    A response cut off by the token limit only counts if it stated an answer (e.g. a \\boxed{}):
-    a fallback guess from a truncated response is recorded as no answer (rule "truncated").
-    """
-    extracted, rules, correct = [], [], []
-    for text, finish in zip(record["responses"], record["finish"]):
-        found = extract(text)
-        answer, rule = found.answer, found.rule
-        if finish == "length" and rule in FALLBACK_RULES:
-            answer, rule = None, "truncated"
-        extracted.append(answer)
-        rules.append(rule)
-        correct.append(answers_match(answer, record["gold"]))
-    record.update(extracted=extracted, rules=rules, correct=correct)
+    """(Re)compute a record's extracted answers, rules and correctness from its responses, with the
+    book's one scoring rule (`rlscratch.verify.score_response`): a response cut off by the token limit
+    only counts if it stated an answer; a fallback guess from it is recorded as no answer ("truncated")."""
+    scores = [score_response(text, record["gold"], truncated=finish == "length")
+              for text, finish in zip(record["responses"], record["finish"])]
+    record.update(extracted=[s.answer for s in scores], rules=[s.rule for s in scores], correct=[s.correct for s in scores])
     return record
 
 
 def _load_records(path: Path) -> dict[str, dict]:
-    records = {}
+    """The run's records, graded by the current verifier. If that changes any verdict, the file is
+    rewritten, so the records on disk always agree with what the harness reports."""
+    records, stale = {}, False
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by an interruption: redo that problem
+                stale = True
                 continue
-            records[record["id"]] = grade_record(record)  # graded by the current verifier
+            before = (record.get("extracted"), record.get("rules"), record.get("correct"))
+            records[record["id"]] = grade_record(record)
+            stale |= before != (record["extracted"], record["rules"], record["correct"])
+    if stale and records:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()), encoding="utf-8")
+        os.replace(tmp, path)
     return records
 
 
 def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, *, batch_size: int = 16,
              run_dir: Path | None = None, progress: bool = True) -> list[dict]:
-    """Evaluate `problems`, resuming from (and appending to) the run's JSONL file. Returns records in order."""
+    """Evaluate `problems`, resuming from (and appending to) the run's JSONL file. Returns records in order.
+
+    Sampling is reproducible per problem: problem p draws from seed derive_seed(settings.seed, p.id), so an
+    interrupted and resumed run, or one with another batch size, gives the same samples as a single run."""
     if not problems:
         raise ValueError("no problems to evaluate")
     datasets = {p.dataset for p in problems}
     if len(datasets) != 1:
         raise ValueError(f"one dataset per run, got {sorted(datasets)}")
+    if settings.weights is None:
+        settings = dataclasses.replace(settings, weights=weights_fingerprint(model))
     run_dir = Path(run_dir or results_dir() / "runs")
     run_dir.mkdir(parents=True, exist_ok=True)
     name = settings.run_name(datasets.pop())
@@ -96,7 +108,7 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     for start in range(0, len(todo), per_batch):
         chunk = todo[start:start + per_batch]
         prompts = [format_prompt(tokenizer, p.question, settings.template) for p in chunk]
-        seed = None if settings.temperature == 0 else settings.seed + len(done) + start
+        seed = None if settings.temperature == 0 else [derive_seed(settings.seed, p.id) for p in chunk]
         t0 = time.perf_counter()
         completions = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, n=settings.n,

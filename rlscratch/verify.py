@@ -2,28 +2,34 @@
 # change the notebook, then run `python tools/export.py`.
 
 """Grading math answers: extraction, normalization and equivalence. Model output is never evaluated
-as code: answers are parsed by a small whitelist parser into SymPy objects, with size guards and a
-time limit, and every public function returns (never raises) within a bounded time."""
+as code: answers are parsed by a small whitelist parser into SymPy objects and compared exactly
+(rational arithmetic, or interval arithmetic at high precision for irrational values). Every public
+function returns, and never raises, within a bounded time, on any thread."""
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import gc
 import random
 import re
-import signal
 import threading
+import time
 from contextlib import contextmanager
 
 import sympy
+from mpmath.ctx_iv import MPIntervalContext
 
 MAX_ANSWER_CHARS = 300  # longer "answers" are compared as strings only
-TIME_LIMIT_S = 1.0  # per answers_match call, where a timer is available (main thread)
+TIME_LIMIT_S = 0.1  # CPU seconds per comparison, on any thread (a deadline the work checks as it goes)
 
 
 @dataclasses.dataclass(frozen=True)
 class Extraction:
     answer: str | None
-    rule: str  # "boxed", "gsm8k", "answer_is", "last_number" or "none"
+    rule: str  # "boxed", "gsm8k", "answer_is", "last_latex", "last_number" or "none"
+
+
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>")
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -40,9 +46,29 @@ def _braced(text: str, start: int) -> str | None:
 
 
 def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{} (or \\fbox{}). Boxes joined to it by "or", "and" or a comma on the
+    same line ("$x = \\boxed{3}$ or $x = \\boxed{-4}$") are one answer, a list."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
+    answers = [_box_at(text, start)]
+    while answers[0] is not None:  # walk back over boxes joined by a connective
+        before = text.rfind("\\boxed", max(0, start - 300), start)
+        content = _box_at(text, before) if before >= 0 else None
+        if content is None:
+            break
+        gap = text[before + 7 + len(content):start]
+        if not _JOINED.fullmatch(gap) or not content.strip():
+            break
+        answers.insert(0, content)
+        start = before
+    return None if answers[-1] is None else ", ".join(a.strip() for a in answers)
+
+
+_JOINED = re.compile(r"[\s$}]*(?:(?:,|;|\bor\b|\band\b|\\text\{\s*(?:or|and)\s*\})[\s$]*)?(?:[a-zA-Z]\s*=[\s$]*)?")
+
+
+def _box_at(text: str, start: int) -> str | None:
     i = start + (6 if text.startswith("\\boxed", start) else 5)
     while i < len(text) and text[i] == " ":
         i += 1
@@ -53,12 +79,31 @@ def _last_boxed(text: str) -> str | None:
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_ANSWER_CUE = re.compile(r"answer\**\s*(?:is\b\s*:?|:)", re.IGNORECASE)
+
+
+def _stated_answer(text: str) -> str | None:
+    """What follows the last "answer is" / "answer:" up to the end of its sentence."""
+    cue = None
+    for cue in _ANSWER_CUE.finditer(text):
+        pass
+    if cue is None:
+        return None
+    rest = text[cue.end():cue.end() + 1000].lstrip(" \t\n*:$")  # "**Final Answer:** 45", "answer is: $5$"
+    rest = re.sub(r"^\\[\[(]\s*(.*?)\s*\\[\])]", r"\1", rest, flags=re.S)  # "answer is:\n\[ 42 \]"
+    rest = re.split(r"\.\s|\.$|\n", rest, maxsplit=1)[0].strip().strip("*$ ").rstrip(".").strip()
+    remark = re.search(r"\s\(", rest)  # "90 seconds (that is, a minute and a half)"
+    if remark and re.search(r"[A-Za-z]{2,}", rest[remark.end():]) and not rest[remark.end():].startswith("\\"):
+        rest = rest[:remark.start()].strip()
+    return rest or None
 
 
 def extract(text: str) -> Extraction:
     """Find the final answer in a response, and which rule found it."""
     if not isinstance(text, str):
         return Extraction(None, "none")
+    for marker in CHAT_MARKERS:  # the model ran on into a turn of its own invention: ignore it
+        text = text.split(marker, 1)[0]
     boxed = _last_boxed(text)
     if boxed is not None and boxed.strip():
         return Extraction(boxed.strip(), "boxed")
@@ -67,13 +112,9 @@ def extract(text: str) -> Extraction:
         line = text[hashes + 4:].strip().split("\n", 1)[0].strip()
         if line:
             return Extraction(line, "gsm8k")
-    lower = text.lower()
-    cue = max(lower.rfind("answer is"), lower.rfind("answer:"))
-    if cue >= 0:
-        rest = text[cue:].split(":", 1)[1] if text[cue:].lower().startswith("answer:") else text[cue + 9:]
-        rest = re.split(r"\.\s|\.$|\n", rest.strip(), maxsplit=1)[0].strip().strip("$ ")
-        if rest:
-            return Extraction(rest, "answer_is")
+    stated = _stated_answer(text)
+    if stated is not None:
+        return Extraction(stated, "answer_is")
     formula = _last_formula(text)
     if formula is not None:
         return Extraction(formula, "last_latex")
@@ -101,6 +142,8 @@ def _last_formula(text: str) -> str | None:
     if not segments:
         return None
     body = max(segments)[1].rsplit("=", 1)[-1].strip().rstrip(".,")
+    if re.fullmatch(r"[A-Za-z]{2,20}", body):  # a one-word answer such as $even$
+        return body
     words = re.sub(r"\\[a-zA-Z]+", "", body)
     if not body or len(body) > 80 or "\\text" in body or re.search(r"[A-Za-z]{2,}", words):
         return None
@@ -112,28 +155,87 @@ def extract_answer(text: str) -> str | None:
     return extract(text).answer
 
 
+_UNICODE = {"\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
+            "\u00f7": "\\div ", "\u03c0": "\\pi ", "\u221e": "\\infty ", "\u2264": "<=", "\u2265": ">=",
+            "\u222a": "\\cup ", "\u2229": "\\cap ", "\u2205": "\\emptyset ", "\u00b1": "\\pm ", "\u00b0": "^\\circ ",
+            "\u2208": "\\in ", "\u211d": "\\mathbb{R}", "\u00a0": " ", "\u2009": " ", "\u202f": " "}
+_REWRITES = [  # (pattern, replacement), applied in order
+    (r"\\[dtc]frac(?![a-zA-Z])", r"\\frac"),
+    (r"\\(?:left|right)\.|\\(?:left|right|[bB]igg?[lr]?|displaystyle|textstyle)(?![a-zA-Z])", ""),
+    (r",\s*\\!\s*(?=\d{3})", ","),  # 11,\! 111,\! 100
+    (r"\\!", ""),
+    (r"(?<=\d)\\,(?=\d{3})", ""),  # 1\,000
+    (r"\\[,;:](?![a-zA-Z])|\\q?quad(?![a-zA-Z])|~", " "),
+    (r"(?<!\\)\\ ", " "),  # "\ " is a space, "\\ " a matrix row break
+    (r"\\\$|\$", ""),
+    (r"\\%", "%"),
+    (r"\{,\}", ","),
+    (r"\\(?:geq?|geqslant)(?![a-zA-Z])|=>", ">="),
+    (r"\\(?:leq?|leqslant)(?![a-zA-Z])|=<", "<="),
+    (r"\\gt(?![a-zA-Z])", ">"),
+    (r"\\lt(?![a-zA-Z])", "<"),
+    (r"\\varnothing(?![a-zA-Z])|\\\{\s*\\\}", r"\\emptyset"),
+    (r"\\mathbb\s*\{?\s*R\s*\}?", r"(-\\infty,\\infty)"),
+    (r"\\infin(?![a-zA-Z])", r"\\infty"),
+    # degrees: 90^\circ, 90^{\circ}, 20^\circ\text{C}, \degree
+    (r"\^\s*\{?\s*\\circ\s*\}?(?:\s*\\(?:text|mathrm|textnormal)\s*\{\s*[CF]\s*\}|\s*[CF](?![a-zA-Z]))?|\\degree(?![a-zA-Z])", ""),
+    # ordinals: 9^{\text{th}}, 9^\text{th}, 21st
+    (r"(\d)\s*\^\s*\{?\s*(?:\\(?:text|mathrm|textnormal|rm)\s*)?\{?\s*(?:st|nd|rd|th)\s*\}?\s*\}?", r"\1"),
+    (r"(\d)(?:st|nd|rd|th)\b", r"\1"),
+    # "x = 3 \text{ or } x = -4": connectives become plain words, split later
+    (r"\\(?:text|textnormal|textrm|mbox|mathrm)\s*\{\s*(or|and)\s*\}", r" \1 "),
+]
+_REWRITES = [(re.compile(p), r) for p, r in _REWRITES]
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textnormal|textrm|textsf|mathrm|mathbf|mathit|mbox|operatorname|emph)"
+                           r"\s*\{([^{}]*)\}")
+_UNIT_WORDS = re.compile(r"(?<![\\a-zA-Z])([a-zA-Z]{2,}\.?(?:/[a-zA-Z]+)?(?:\s+[a-zA-Z]{2,}\.?(?:/[a-zA-Z]+)?){0,3})"
+                         r"(\s*\^\s*\{?[23]\}?)?\s*$")  # words separated by spaces: no backtracking blow-up
+_MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "infty", "i"}
+_CONNECTIVES = {"or", "and", "to", "plus", "minus", "times", "but", "not", "if"}
+
+
+def _strip_units(s: str) -> str:
+    """Drop unit words after a value: "5\\text{ cm}^2", "16\\pi square units", "45 apples", "3\\,\\mathrm{kg}"."""
+    for _ in range(4):
+        m = re.search(r"\\(?:text|textnormal|textrm|mbox|mathrm|textit|operatorname)\s*\{([^{}]*)\}(\s*\^\s*\{?[23]\}?)?\s*$", s)
+        if m is None:
+            m = _UNIT_WORDS.search(s)
+            if m is None or m.group(1).split()[0].lower().rstrip(".") in _MATH_WORDS | _CONNECTIVES:
+                return s
+        unit, value = m.group(1).strip(), s[:m.start()].rstrip()
+        if not re.fullmatch(r"[A-Za-z][A-Za-z .\-/]*", unit) or unit.split()[0].lower() in _MATH_WORDS | _CONNECTIVES:
+            return s  # "\text{ or 20}" is a second answer, not a unit
+        if not re.search(r"(?:[\d})\]!%]|\\pi|\\infty)$", value):  # only after a value
+            return s
+        s = value
+    return s
+
+
 def normalize_answer(answer: str) -> str:
     """Strip formatting that does not change an answer's value (LaTeX decoration, units, separators)."""
     s = answer.strip()
-    s = s.replace("\u2212", "-").replace("\u2013", "-").replace("\u00b0", "")
-    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                     ("\\displaystyle", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
-                     ("\\$", ""), ("$", ""), ("\\%", "%"), ("^\\circ", ""), ("^{\\circ}", ""), ("{,}", ",")):
+    for old, new in _UNICODE.items():
         s = s.replace(old, new)
-    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, "\\ " a matrix row break
-    s = re.sub(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1", s)
-    s = s.strip().rstrip(".").strip()
+    s = re.sub(r"\u221a\s*(\d+|[a-zA-Z])", r"\\sqrt{\1}", s)  # unicode root: 3√5
+    s = re.sub(r"\u221a\s*\(([^()]*)\)", r"\\sqrt{\1}", s)
+    s = s.replace("\u221a", "\\sqrt")
+    for pattern, replacement in _REWRITES:
+        s = pattern.sub(replacement, s)
+    s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+    s = _strip_units(s)
+    for _ in range(3):  # \text{...} and friends: keep the content
+        s = _TEXT_COMMAND.sub(r"\1", s)
+    s = _strip_units(re.sub(r"\s+", " ", s).strip().rstrip(".").strip())  # \text{18 dollars}
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 1,234,567
         s = s.replace(",", "")
-    unit = re.fullmatch(r"(-?[\d.,/]+)\s*([a-zA-Z]+(?: [a-zA-Z]+){0,2})", s)  # "18 dollars", "5 cm"
-    if unit and unit.group(2).lower() not in ("i", "e", "pi") and len(unit.group(2)) > 1:
-        s = unit.group(1)
-    s = re.sub(r"\s+", " ", s).strip()
-    base_n = re.fullmatch(r"([0-9A-Za-z]+)_\{?(\d+)\}?", s)  # 040_9, 4210_{5}: a number in base n
+    s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # x \in [a, b]
+    s = re.sub(r"^\(\s*[a-zA-Z](?:\s*,\s*[a-zA-Z])+\s*\)\s*=\s*(?=[(\[])", "", s)  # (a, b) = (5, 1)
+    base_n = re.fullmatch(r"\(?([0-9A-Za-z]+)\)?\s*_\s*\{?\(?(\d+)\)?\}?", s)  # 040_9, 4210_{5}: a number in base n
     if base_n:
         s = f"{base_n.group(1).lstrip('0') or '0'}_{base_n.group(2)}"
-    if re.fullmatch(r"\(?[A-Ea-e]\)?", s):  # multiple choice: (C) -> C
-        s = s.strip("()").upper()
+    choice = re.fullmatch(r"\(?([A-Ea-e])\)|([A-E])|\(([A-E])\)\s+\S.*", s)  # (C), C, (B) Circle
+    if choice:
+        s = next(g for g in choice.groups() if g).upper()
     return s
 
 
@@ -141,12 +243,73 @@ class _Unparsable(Exception):
     pass
 
 
-_FUNCTIONS = {"sqrt": sympy.sqrt, "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "log": sympy.log,
-              "ln": sympy.log, "exp": sympy.exp, "abs": sympy.Abs}
+class _Refused(Exception):
+    """Cannot be decided within the time bound (too large, or outside what we evaluate)."""
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+_state = threading.local()  # per-thread deadline and interval-arithmetic context
+
+
+def _work_clock() -> float:
+    """CPU seconds this thread has spent, not counting garbage collection (which is not our work, and
+    in a large process one collection can take a tenth of a second)."""
+    return time.thread_time() - getattr(_state, "gc_seconds", 0.0)
+
+
+def _count_garbage_collection(phase: str, info: dict) -> None:
+    if phase == "start":
+        _state.gc_start = time.thread_time()
+    elif getattr(_state, "gc_start", None) is not None:
+        _state.gc_seconds = getattr(_state, "gc_seconds", 0.0) + time.thread_time() - _state.gc_start
+        _state.gc_start = None
+
+
+gc.callbacks.append(_count_garbage_collection)
+
+
+def _tick() -> None:
+    """Raise _OutOfTime once this thread has spent the CPU time of the current call.
+
+    The clock is the thread's own work, so a verdict does not depend on how busy the machine is.
+    Reading it costs about a microsecond, so the cheap wall clock is read first: until wall time has
+    passed the deadline, the work clock cannot have."""
+    deadline = getattr(_state, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline[0] and _work_clock() > deadline[1]:
+        raise _OutOfTime
+
+
+_ONE_AT_A_TIME = threading.RLock()  # mpmath and SymPy keep caches that two threads must not update at once
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Run the code inside alone (see _ONE_AT_A_TIME) with a budget of `seconds` of CPU time that `_tick`
+    enforces, on any thread. Python runs one thread at a time anyway, so the lock costs no speed."""
+    with _ONE_AT_A_TIME:
+        previous = getattr(_state, "deadline", None)
+        deadline = (time.monotonic() + seconds, _work_clock() + seconds)
+        _state.deadline = deadline if previous is None else (min(previous[0], deadline[0]), min(previous[1], deadline[1]))
+        try:
+            yield
+        finally:
+            _state.deadline = previous
+
+
+_FUNCTIONS = {"sqrt": sympy.sqrt, "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot,
+              "sec": sympy.sec, "csc": sympy.csc, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan,
+              "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh, "log": sympy.log, "ln": sympy.log,
+              "exp": sympy.exp, "abs": sympy.Abs}
+_INVERSE = {"sin": sympy.asin, "cos": sympy.acos, "tan": sympy.atan}  # \sin^{-1} x
 _CONSTANTS = {"pi": sympy.pi, "oo": sympy.oo, "i": sympy.I, "e": sympy.E}
-_LATEX_WORDS = {"pi": "pi", "infty": "oo", "cdot": "*", "times": "*", "div": "/", "sin": "sin", "cos": "cos",
-                "tan": "tan", "log": "log", "ln": "ln", "exp": "exp"}
-MAX_DIGITS = 10_000
+_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta", "kappa",
+          "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "phi", "varphi", "chi", "psi", "omega"}
+_LATEX_WORDS = {"pi": "pi", "infty": "oo", "cdot": "*", "times": "*", "div": "/", **{f: f for f in _FUNCTIONS},
+                **{g: g for g in _GREEK}}
+MAX_DIGITS = 2_000  # an exact number may have at most this many digits
 
 
 def _latex_to_infix(s: str) -> str:
@@ -171,6 +334,7 @@ def _latex_to_infix(s: str) -> str:
         return s[j], j + 1
 
     while i < len(s):
+        _tick()
         c = s[i]
         if c == "\\":
             m = re.match(r"\\([a-zA-Z]+)", s[i:])
@@ -181,6 +345,10 @@ def _latex_to_infix(s: str) -> str:
                 num, i = argument(i)
                 den, i = argument(i)
                 out.append(f"(({num})/({den}))")
+            elif name in ("binom", "dbinom", "tbinom"):
+                n, i = argument(i)
+                k, i = argument(i)
+                out.append(f" binom(({n}),({k})) ")
             elif name == "sqrt":
                 index = None
                 if i < len(s) and s[i] == "[":
@@ -189,7 +357,27 @@ def _latex_to_infix(s: str) -> str:
                         raise _Unparsable("bad root index")
                     index, i = _latex_to_infix(s[i + 1:close]), close + 1
                 body, i = argument(i)
-                out.append(f"sqrt({body})" if index is None else f"(({body})^(1/({index})))")
+                out.append(f"sqrt({body})" if index is None else f" root(({body}),({index})) ")
+            elif name == "log" and s[i:i + 1] == "_":  # \log_{b} x = log(x) / log(b)
+                base, i = argument(i + 1)
+                while i < len(s) and s[i] == " ":
+                    i += 1
+                if s[i:i + 1] == "(":
+                    depth, j = 0, i
+                    while j < len(s):
+                        depth += {"(": 1, ")": -1}.get(s[j], 0)
+                        if depth == 0:
+                            break
+                        j += 1
+                    body, i = _latex_to_infix(s[i + 1:j]), j + 1
+                elif s[i:i + 1] in ("{", "\\"):
+                    body, i = argument(i)
+                else:
+                    m = re.match(r"[0-9.]+|[a-zA-Z]", s[i:])
+                    if not m:
+                        raise _Unparsable("log without argument")
+                    body, i = m.group(0), i + len(m.group(0))
+                out.append(f"(log({body})/log({base}))")
             elif name in _LATEX_WORDS:
                 out.append(f" {_LATEX_WORDS[name]} ")
             else:
@@ -208,13 +396,15 @@ def _latex_to_infix(s: str) -> str:
     return "".join(out)
 
 
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|([a-zA-Z]+)|(\*\*|[-+*/^()!]))")
+_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([a-zA-Z]+)|(\*\*|[-+*/^()!|,]))")
+_NAMES = set(_FUNCTIONS) | set(_CONSTANTS) | _GREEK | {"binom", "root"}
 
 
 def _tokens(s: str) -> list[tuple[str, str]]:
     tokens, pos = [], 0
     s = s.strip()
     while pos < len(s):
+        _tick()
         m = _TOKEN.match(s, pos)
         if not m or m.end() == pos:
             raise _Unparsable(f"unexpected {s[pos:pos + 10]!r}")
@@ -224,7 +414,7 @@ def _tokens(s: str) -> list[tuple[str, str]]:
                 raise _Unparsable("number too long")
             tokens.append(("num", number))
         elif word is not None:
-            if word in _FUNCTIONS or word in _CONSTANTS:
+            if word in _NAMES:
                 tokens.append(("name", word))
             else:  # "xy" is x*y; single letters are variables
                 tokens.extend(("name", ch) for ch in word)
@@ -235,17 +425,29 @@ def _tokens(s: str) -> list[tuple[str, str]]:
 
 
 def _digits(x) -> float:
-    x = abs(x)
-    return 0.0 if x == 0 else float(sympy.log(x, 10)) if x.is_Rational and x > 1 else 1.0
+    """Decimal digits of a rational's numerator or denominator, whichever is longer."""
+    return max(int(x.p).bit_length(), int(x.q).bit_length()) * 0.30103
 
 
 def _safe_pow(base, exponent):
-    if exponent.is_Number and base.is_Number:
-        if abs(exponent) > MAX_DIGITS or abs(base) > 1 and abs(float(exponent)) * _digits(base) > MAX_DIGITS:
+    _tick()
+    if exponent.is_Number:
+        if abs(exponent) > 10 * MAX_DIGITS:
+            raise _Unparsable("exponent too large")
+        if base.is_Rational and exponent.is_Rational and abs(base) != 1 and float(abs(exponent)) * _digits(base) > MAX_DIGITS:
             raise _Unparsable("power too large")
-    elif exponent.is_Number and abs(exponent) > 1000:
-        raise _Unparsable("symbolic power too large")
+        if base.free_symbols and abs(exponent) > 1000:
+            raise _Unparsable("symbolic power too large")
+    if isinstance(base, sympy.Pow) and base.exp.is_Number and exponent.is_Number and abs(base.exp * exponent) > 10 * MAX_DIGITS:
+        raise _Unparsable("power too large")  # (x^999)^999 would become x^998001
     return sympy.Pow(base, exponent)
+
+
+def _root(value, index):
+    """The n-th root; the real one for a negative number and an odd n (\\sqrt[3]{-8} = -2)."""
+    if index.is_Integer and index > 0 and value.is_Number and value < 0 and index % 2 == 1:
+        return -_safe_pow(-value, 1 / index)
+    return _safe_pow(value, 1 / index)
 
 
 class _Parser:
@@ -279,6 +481,7 @@ class _Parser:
     def term(self):
         value = self.unary()
         while True:
+            _tick()
             kind, text = self.peek()
             if text in ("*", "/"):
                 self.take()
@@ -309,58 +512,388 @@ class _Parser:
         value = self.atom()
         while self.peek()[1] == "!":
             self.take()
-            if not (value.is_Integer and 0 <= value <= 1000):
+            if not (value.is_Integer and 0 <= value <= 500):
                 raise _Unparsable("factorial argument")
             value = sympy.factorial(value)
         return value
 
+    def arguments(self):
+        self.take("(")
+        args = [self.expr()]
+        while self.peek()[1] == ",":
+            self.take()
+            args.append(self.expr())
+        self.take(")")
+        return args
+
+    def function(self, name):
+        exponent = None
+        if self.peek()[1] == "^":  # \sin^2 x, \sin^{-1} x
+            self.take()
+            exponent = self.postfix()
+        if name in ("binom", "root"):
+            n, k = self.arguments()
+            if name == "root":
+                return _root(n, k)
+            if not (n.is_Integer and k.is_Integer and 0 <= n <= 1000):
+                raise _Unparsable("binomial arguments")
+            return sympy.binomial(n, k)
+        if self.peek()[1] == "(":
+            args = self.arguments()
+            if len(args) != 1:
+                raise _Unparsable("one argument expected")
+            arg = args[0]
+        else:  # \sin 2x: the argument runs up to the next operator or function
+            arg = self.power()
+            while self.peek()[0] == "num" or self.peek()[0] == "name" and self.peek()[1] not in _FUNCTIONS:
+                arg = arg * self.power()
+        if exponent == -1 and name in _INVERSE:
+            return _INVERSE[name](arg)
+        value = _FUNCTIONS[name](arg)
+        return value if exponent is None else _safe_pow(value, exponent)
+
     def atom(self):
         kind, text = self.take()
         if kind == "num":
-            return sympy.Rational(text) if "." not in text else sympy.Float(text, 30)
+            mantissa, _, exponent = text.lower().partition("e")
+            value = sympy.Rational(mantissa)  # decimals are exact: 0.1 + 0.2 == 0.3
+            if exponent:  # 3.1e8, 4.7E-3
+                if abs(int(exponent)) > MAX_DIGITS:
+                    raise _Unparsable("exponent too large")
+                value *= sympy.Integer(10) ** int(exponent)
+            return value
         if kind == "name":
-            if text in _FUNCTIONS:
-                if self.peek()[1] != "(":
-                    return _FUNCTIONS[text](self.power())  # \sqrt2, \sin x
-                self.take("(")
-                arg = self.expr()
-                self.take(")")
-                return _FUNCTIONS[text](arg)
+            if text in _FUNCTIONS or text in ("binom", "root"):
+                return self.function(text)
             return _CONSTANTS.get(text) or sympy.Symbol(text)
         if text == "(":
             value = self.expr()
             self.take(")")
             return value
+        if text == "|":
+            value = self.expr()
+            self.take("|")
+            return sympy.Abs(value)
         raise _Unparsable(f"unexpected {text!r}")
+
+
+_MIXED = re.compile(r"(?<![\w.^}/])(\d+)\s*\\frac\s*(?:\{(\d+)\}|(\d))\s*(?:\{(\d+)\}|(\d))")
+_PLAIN_MIXED = re.compile(r"(?<![\w.^}/])(\d+)\s+(\d+)\s*/\s*(\d+)(?![\d.])")
+
+
+def _mixed_numbers(s: str) -> str:
+    """3\\frac{1}{4} and "3 1/4" are 3 + 1/4 (a proper fraction after a whole number), not 3 * 1/4."""
+    def mixed(whole, num, den, original):
+        return f"({whole}+{num}/{den})" if int(num) < int(den) else original
+
+    s = _MIXED.sub(lambda m: mixed(m.group(1), m.group(2) or m.group(3), m.group(4) or m.group(5), m.group(0)), s)
+    return _PLAIN_MIXED.sub(lambda m: mixed(m.group(1), m.group(2), m.group(3), m.group(0)), s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str):
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
+    try:
+        return _Parser(_tokens(_latex_to_infix(_mixed_numbers(text)))).parse()
+    except (_Unparsable, RecursionError, ValueError, TypeError, ZeroDivisionError, OverflowError, AttributeError):
+        return None
 
 
 def parse_math(text: str):
     """A SymPy expression for a normalized answer, or None if it is outside the accepted subset."""
-    if len(text) > MAX_ANSWER_CHARS:
-        return None
     try:
-        return _Parser(_tokens(_latex_to_infix(text))).parse()
-    except (_Unparsable, RecursionError, ValueError, TypeError, ZeroDivisionError, OverflowError):
+        with _time_limit(TIME_LIMIT_S):
+            return _parse(text)
+    except _OutOfTime:
         return None
 
 
-@contextmanager
-def _time_limit(seconds: float):
-    """Raise TimeoutError after `seconds` (only on the main thread, where SIGALRM can be used)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
+_MAX_BITS = 33_000  # magnitudes beyond 2^±33000 (about 10^±10000) are refused
+_MAX_EXP_ARG = 22_000  # e^x for |x| above this would pass that bound
+_FIRST_BITS, _SECOND_BITS, _MOST_BITS = 200, 1_200, 40_000
 
-    def _raise(signum, frame):
-        raise TimeoutError
 
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def _ctx(bits: int) -> MPIntervalContext:
+    """This thread's interval-arithmetic context (mpmath contexts are not thread-safe), at `bits` precision."""
+    ctx = getattr(_state, "ctx", None)
+    if ctx is None:
+        ctx = _state.ctx = MPIntervalContext()
+    ctx.prec = bits
+    return ctx
+
+
+def _bits(x) -> int:
+    """log2 of the largest endpoint of an interval (a large negative number for [0, 0]); refuses inf/nan."""
+    top = -10 ** 9
+    for sign, man, exp, bc in x._mpi_:
+        if man == 0:
+            if bc != 0:  # inf or nan
+                raise _Refused("unbounded")
+            continue
+        top = max(top, exp + bc)
+    if top > _MAX_BITS:
+        raise _Refused("too large")
+    return top
+
+
+class _Complex:
+    """A complex interval: real and imaginary parts as mpmath intervals (im None for a real value)."""
+
+    def __init__(self, re_, im=None):
+        self.re, self.im = re_, im
+        _bits(re_)
+        if im is not None:
+            _bits(im)
+
+
+def _positive(x) -> bool:
+    return x.a > 0
+
+
+def _negative(x) -> bool:
+    return x.b < 0
+
+
+def _evaluate(expr, point: dict, ctx, scale: list):
+    """A complex interval that contains the exact value of `expr` with symbols set to `point`."""
+    _tick()
+    if expr.is_Rational:
+        return _Complex(ctx.mpf(int(expr.p)) / int(expr.q))
+    if expr is sympy.pi:
+        return _Complex(ctx.pi)
+    if expr is sympy.E:
+        return _Complex(ctx.e)
+    if expr is sympy.I:
+        return _Complex(ctx.mpf(0), ctx.mpf(1))
+    if expr.is_Symbol:
+        if expr not in point:
+            raise _Refused("unbound symbol")
+        p, q = point[expr]
+        return _Complex(ctx.mpf(p) / q)
+    args = [_evaluate(a, point, ctx, scale) for a in expr.args] if not expr.is_Pow else None
+    if expr.is_Add:
+        total = args[0]
+        for term in args:
+            scale[0] = max(scale[0], _bits(term.re), _bits(term.im) if term.im is not None else -10 ** 9)
+        for term in args[1:]:
+            total = _add(total, term)
+        return total
+    if expr.is_Mul:
+        total = args[0]
+        for factor in args[1:]:
+            total = _mul(total, factor)
+        return total
+    if expr.is_Pow:
+        return _power(expr.base, expr.exp, point, ctx, scale)
+    name = type(expr).__name__
+    (x,) = args if len(args) == 1 else (None,)
+    if x is None:
+        raise _Refused(f"{name} with {len(args)} arguments")
+    if name == "exp":
+        return _exp(x, ctx)
+    if name == "log":
+        return _log(x, ctx)
+    if name == "Abs":
+        return _Complex(ctx.sqrt(x.re * x.re + (x.im * x.im if x.im is not None else 0)))
+    if x.im is not None:
+        raise _Refused(f"{name} of a complex number")
+    v = x.re
+    if name in ("sin", "cos", "tan", "cot", "sec", "csc"):
+        if _bits(v) > 300:
+            raise _Refused("trigonometric argument too large")
+        return _Complex(getattr(ctx, name)(v))
+    if name in ("sinh", "cosh", "tanh"):
+        if _bits(v) > 14:
+            raise _Refused("hyperbolic argument too large")
+        up, down = ctx.exp(v), ctx.exp(-v)
+        return _Complex({"sinh": (up - down) / 2, "cosh": (up + down) / 2, "tanh": (up - down) / (up + down)}[name])
+    if name == "atan":
+        return _Complex(ctx.atan2(v, ctx.mpf(1)))
+    if name in ("asin", "acos"):
+        if not (v.a > -1 and v.b < 1):
+            raise _Refused("inverse sine outside (-1, 1)")
+        other = ctx.sqrt(1 - v * v)
+        return _Complex(ctx.atan2(v, other) if name == "asin" else ctx.atan2(other, v))
+    raise _Refused(f"unsupported function {name}")
+
+
+def _add(x: _Complex, y: _Complex) -> _Complex:
+    im = x.im if y.im is None else y.im if x.im is None else x.im + y.im
+    return _Complex(x.re + y.re, im)
+
+
+def _mul(x: _Complex, y: _Complex) -> _Complex:
+    if x.im is None and y.im is None:
+        return _Complex(x.re * y.re)
+    if x.im is None:
+        return _Complex(x.re * y.re, x.re * y.im)
+    if y.im is None:
+        return _Complex(x.re * y.re, x.im * y.re)
+    return _Complex(x.re * y.re - x.im * y.im, x.re * y.im + x.im * y.re)
+
+
+def _reciprocal(x: _Complex, ctx) -> _Complex:
+    if x.im is None:
+        if not (_positive(x.re) or _negative(x.re)):
+            raise _Refused("division by an interval around 0")
+        return _Complex(1 / x.re)
+    norm = x.re * x.re + x.im * x.im
+    if not _positive(norm):
+        raise _Refused("division by an interval around 0")
+    return _Complex(x.re / norm, -x.im / norm)
+
+
+def _exp(x: _Complex, ctx) -> _Complex:
+    if x.re.b > _MAX_EXP_ARG or x.re.a < -_MAX_EXP_ARG:
+        raise _Refused("exponential too large")
+    if x.im is None:
+        return _Complex(ctx.exp(x.re))
+    if _bits(x.im) > 300:
+        raise _Refused("angle too large")
+    r = ctx.exp(x.re)
+    return _Complex(r * ctx.cos(x.im), r * ctx.sin(x.im))
+
+
+def _log(x: _Complex, ctx) -> _Complex:
+    if x.im is None and _positive(x.re):
+        return _Complex(ctx.log(x.re))
+    if x.im is None and _negative(x.re):
+        return _Complex(ctx.log(-x.re), ctx.pi)
+    if x.im is not None and (_positive(x.re) or _positive(x.im) or _negative(x.im)):
+        return _Complex(ctx.log(x.re * x.re + x.im * x.im) / 2, ctx.atan2(x.im, x.re))
+    raise _Refused("logarithm near 0 or on its branch cut")
+
+
+def _power(base, exponent, point, ctx, scale) -> _Complex:
+    b = _evaluate(base, point, ctx, scale)
+    if exponent.is_Integer:
+        n = int(exponent)
+        size = max(_bits(b.re), _bits(b.im) if b.im is not None else -10 ** 9)
+        if abs(n) * max(size, 1) > _MAX_BITS:
+            raise _Refused("power too large")
+        if b.im is None:
+            if n < 0 and not (_positive(b.re) or _negative(b.re)):
+                raise _Refused("division by an interval around 0")
+            return _Complex(b.re ** n)
+        result, square, k = _Complex(ctx.mpf(1)), b, abs(n)
+        while k:
+            _tick()
+            if k & 1:
+                result = _mul(result, square)
+            k >>= 1
+            if k:
+                square = _mul(square, square)
+        return _reciprocal(result, ctx) if n < 0 else result
+    if exponent.is_Rational and exponent.q == 2 and b.im is None and _negative(b.re):  # sqrt(-3) = i sqrt(3)
+        root = _Complex(ctx.mpf(0), ctx.sqrt(-b.re))
+        return _power_of(root, int(exponent.p), ctx)
+    if b.im is None and _positive(b.re) and exponent.is_Rational:
+        e = ctx.mpf(int(exponent.p)) / int(exponent.q)
+        if abs(float(exponent)) * max(abs(_bits(b.re)), 1) > _MAX_BITS:
+            raise _Refused("power too large")
+        return _Complex(ctx.exp(e * ctx.log(b.re)))
+    return _exp(_mul(_evaluate(exponent, point, ctx, scale), _log(b, ctx)), ctx)  # b^w = e^(w log b)
+
+
+def _power_of(x: _Complex, n: int, ctx) -> _Complex:
+    result = _Complex(ctx.mpf(1))
+    for _ in range(abs(n)):
+        result = _mul(result, x)
+    return _reciprocal(result, ctx) if n < 0 else result
+
+
+def _apart(x: _Complex, y: _Complex) -> bool:
+    """Do two complex intervals certainly hold different numbers?"""
+    zero = x.re * 0
+
+    def disjoint(u, v):
+        return u.b < v.a or v.b < u.a
+
+    return disjoint(x.re, y.re) or disjoint(x.im if x.im is not None else zero, y.im if y.im is not None else zero)
+
+
+def _equal_at(a, b, point: dict) -> bool:
+    """Is a == b at `point` (symbol -> (p, q) rational)? Decided with intervals at two precisions:
+    intervals that do not overlap prove a difference; overlapping at the higher precision (at least
+    ~360 digits more than the largest intermediate value) counts as equal."""
+    scale = [0]
+    for bits in (_FIRST_BITS, None):
+        if bits is None:
+            bits = max(_SECOND_BITS, 300 + scale[0])
+            if bits > _MOST_BITS:
+                raise _Refused("needs too much precision")
+        ctx = _ctx(bits)
+        x, y = _evaluate(a, point, ctx, scale), _evaluate(b, point, ctx, scale)
+        scale[0] = max(scale[0], _bits(x.re), _bits(y.re))
+        if _apart(x, y):
+            return False
+    return True
+
+
+def _has_infinity(expr) -> bool:
+    return expr.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
+
+
+def _points(symbols, seed: int = 0):
+    """Random rational points with both signs, the same for every call (deterministic verdicts)."""
+    rng = random.Random(seed)
+    for k in range(1_000):  # the signs run through every combination (bit j of k: sign of symbol j)
+        yield {s: ((-1) ** (k >> j & 1) * rng.randint(1, 97), rng.randint(1, 13)) for j, s in enumerate(symbols)}
+
+
+def _same_value(a, b) -> bool:
+    """Are two SymPy expressions equal? Exactly for rationals; by interval arithmetic otherwise; and with
+    variables, at several random points (a randomized identity test: faster than `simplify`, and bounded)."""
+    if a == b:
+        return True
+    if a.is_Rational and b.is_Rational:
+        return False
+    if _has_infinity(a) or _has_infinity(b):
+        return False
+    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+    if not symbols:
+        return _equal_at(a, b, {})
+    agreed, tried = 0, 0
+    for point in _points(symbols):
+        tried += 1
+        if tried > 12:
+            return False
+        try:
+            if not _equal_at(a, b, point):
+                return False
+        except _Refused:
+            continue  # outside a domain (log of a negative, a pole): try another point
+        agreed += 1
+        if agreed == 4:
+            return True
+
+
+def _proportional(a, b, *, positive: bool = False) -> bool:
+    """a == c*b for a constant c != 0 (c > 0 if `positive`): one equation or inequality written two ways."""
+    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+    if not symbols:
+        return False
+    for bits in (_FIRST_BITS, _SECOND_BITS):
+        ctx, ratio, agreed, tried = _ctx(bits), None, 0, 0
+        for point in _points(symbols, seed=1):
+            tried += 1
+            if tried > 12:
+                return False
+            try:
+                x, y = _evaluate(a, point, ctx, [0]), _evaluate(b, point, ctx, [0])
+                if ratio is None:
+                    ratio = _mul(x, _reciprocal(y, ctx))
+                    if not (_positive(ratio.re) or _negative(ratio.re)) or (positive and not _positive(ratio.re)):
+                        return False
+                elif _apart(x, _mul(ratio, y)):
+                    return False
+            except _Refused:
+                continue
+            agreed += 1
+            if agreed == 4:
+                break
+    return True
 
 
 def _split_top_level(s: str, sep: str = ",") -> list[str]:
@@ -378,83 +911,328 @@ def _split_top_level(s: str, sep: str = ",") -> list[str]:
 
 
 def _parts(s: str) -> list[str]:
-    """Top-level comma-separated parts, with "a \\pm b" expanded into a + b and a - b."""
+    """Elements of a list: top-level commas and the words "or"/"and"; "a \\pm b" becomes a + b and a - b."""
     out = []
-    for part in _split_top_level(s):
-        out += [part.replace("\\pm", "+", 1), part.replace("\\pm", "-", 1)] if "\\pm" in part else [part]
+    for piece in _split_top_level(s):
+        for part in re.split(r"\s+(?:or|and)\s+|;", piece):
+            part = part.strip()
+            if part.count("\\pm") == 1:
+                out += [part.replace("\\pm", "+"), part.replace("\\pm", "-")]
+            elif part.count("\\mp") == 1:
+                out += [part.replace("\\mp", "-"), part.replace("\\mp", "+")]
+            elif part:
+                out.append(part)
     return out
 
 
-def _numeric(expr, point) -> complex:
+_RELATION = re.compile(r"<=|>=|<|>")
+
+
+def _relation(s: str):
+    """(parts, operators) of an inequality or a chain of them (a < x <= b), or None."""
+    if "\\begin" in s:
+        return None
+    pieces = _RELATION.split(s)
+    if len(pieces) < 2 or len(pieces) > 3 or "=" in s.replace("<=", "").replace(">=", ""):
+        return None
+    return [p.strip() for p in pieces], _RELATION.findall(s)
+
+
+def _equation(s: str):
+    """(lhs, rhs) of an equation with exactly one '=', or None."""
+    if s.count("=") != 1 or _RELATION.search(s) or "\\begin" in s:
+        return None
+    lhs, rhs = (part.strip() for part in s.split("="))
+    return (lhs, rhs) if lhs and rhs else None
+
+
+def _linear_solution(f, strict: bool):
+    """The set where f > 0 (f >= 0 if not strict), for f linear in one variable; None otherwise."""
+    symbols = list(f.free_symbols)
+    if len(symbols) != 1:
+        return None
+    x = symbols[0]
+    k, c = sympy.diff(f, x), f.subs(x, 0)
+    if k.free_symbols or c.free_symbols or not (k.is_Rational and c.is_number) or k == 0:
+        return None
+    root = -c / k
+    if k > 0:
+        return sympy.Interval(root, sympy.oo, left_open=strict, right_open=True)
+    return sympy.Interval(-sympy.oo, root, left_open=True, right_open=strict)
+
+
+def _inequality(lhs: str, op: str, rhs: str):
+    """(f, strict) with the inequality written as f > 0 or f >= 0, or None."""
+    left, right = _parse(lhs), _parse(rhs)
+    if left is None or right is None:
+        return None
+    f = left - right if op in (">", ">=") else right - left
+    return f, op in ("<", ">")
+
+
+def _bounded_number(expr) -> bool:
+    """A constant we can evaluate within the bounds (safe to hand to SymPy's comparisons), or +-oo."""
+    if expr in (sympy.oo, -sympy.oo):
+        return True
+    if expr.free_symbols or _has_infinity(expr):
+        return False
     try:
-        return complex(sympy.N(expr.subs(point), 30))
-    except (TypeError, ValueError, OverflowError):  # oo, zoo, nan
-        return complex("nan")
+        x = _evaluate(expr, {}, _ctx(_FIRST_BITS), [0])
+        return x.im is None and _bits(x.re) < 3000
+    except _Refused:
+        return False
 
 
-def _values_equal(a, b, relative: float = 1e-6) -> bool:
-    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
-    rng = random.Random(0)
-    points = [{s: sympy.Rational(rng.randint(1, 997), rng.randint(1, 97)) for s in symbols} for _ in range(3 if symbols else 1)]
-    for point in points:
-        x, y = _numeric(a, point), _numeric(b, point)
-        if not (math.isfinite(abs(x)) and math.isfinite(abs(y))):
-            if a != b:
-                return False
+def _region(s: str):
+    """A SymPy set for an interval, a union/intersection/difference of them, a finite set or a linear inequality."""
+    s = s.strip()
+    for op, combine in (("\\cup", sympy.Union), ("\\cap", sympy.Intersection), ("\\setminus", sympy.Complement)):
+        pieces = _split_on_command(s, op)
+        if len(pieces) > 1:
+            sets = [_region(p) for p in pieces]
+            if any(x is None for x in sets):
+                return None
+            return combine(*sets) if combine is not sympy.Complement else functools.reduce(sympy.Complement, sets)
+    if s == "\\emptyset":
+        return sympy.EmptySet
+    if s.startswith("\\{") and s.endswith("\\}"):
+        values = [_parse(p) for p in _parts(s[2:-2])] if s[2:-2].strip() else []
+        if any(v is None or not _bounded_number(v) for v in values):
+            return None
+        return sympy.FiniteSet(*values)
+    interval = re.fullmatch(r"([(\[])(.*)([)\]])", s, flags=re.S)
+    if interval:
+        ends = _split_top_level(interval.group(2))
+        if len(ends) == 2:
+            low, high = _parse(ends[0]), _parse(ends[1])
+            if low is None or high is None or not (_bounded_number(low) and _bounded_number(high)):
+                return None
+            return sympy.Interval(low, high, left_open=interval.group(1) == "(", right_open=interval.group(3) == ")")
+    pieces = _parts(s)
+    if len(pieces) > 1 and all(_relation(p) for p in pieces):  # x < 2 or x > 5
+        sets = [_region(p) for p in pieces]
+        return None if any(x is None for x in sets) else sympy.Union(*sets)
+    relation = _relation(s)
+    if relation:
+        parts, ops = relation
+        result = sympy.Reals
+        for left, op, right in zip(parts, ops, parts[1:]):
+            inequality = _inequality(left, op, right)
+            solution = inequality and _linear_solution(*inequality)
+            if solution is None or not all(_bounded_number(e) for e in (solution.start, solution.end)):
+                return None
+            result = sympy.Intersection(result, solution)
+        return result
+    return None
+
+
+def _split_on_command(s: str, command: str) -> list[str]:
+    """Split at top-level occurrences of a LaTeX command such as \\cup."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        c = s[i]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(command, i) and not s[i + len(command):i + len(command) + 1].isalpha():
+            parts.append(s[start:i])
+            start = i = i + len(command)
             continue
-        if abs(x - y) > relative * max(1.0, abs(y)):
+        i += 1
+    parts.append(s[start:])
+    return [p.strip() for p in parts]
+
+
+def _components(region) -> list:
+    if isinstance(region, sympy.Union):
+        return [c for arg in region.args for c in _components(arg)]
+    if isinstance(region, sympy.FiniteSet):
+        return [("point", v) for v in region.args]
+    if isinstance(region, sympy.Interval):
+        return [("interval", region.start, region.end, region.left_open, region.right_open)]
+    if region == sympy.EmptySet:
+        return []
+    if region == sympy.Reals:
+        return [("interval", -sympy.oo, sympy.oo, True, True)]
+    return [("other", region)]
+
+
+def _same_region(a, b) -> bool:
+    if a == b:
+        return True
+    ca, cb = _components(a), _components(b)
+    if len(ca) != len(cb) or any(c[0] == "other" for c in ca + cb):
+        return False
+    for x, y in zip(ca, cb):
+        if x[0] != y[0] or x[3:] != y[3:] or not all(_same_value(u, v) for u, v in zip(x[1:3], y[1:3])):
             return False
     return True
 
 
-def _proportional(a, b) -> bool:
-    """a == c*b for a nonzero constant c (two equations written differently)."""
-    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
-    rng = random.Random(1)
-    ratios = []
-    for _ in range(3):
-        point = {s: sympy.Rational(rng.randint(1, 997), rng.randint(1, 97)) for s in symbols}
-        x, y = _numeric(a, point), _numeric(b, point)
-        if abs(y) < 1e-12:
-            if abs(x) > 1e-9:
-                return False
-            continue
-        ratios.append(x / y)
-    return bool(ratios) and abs(ratios[0]) > 1e-12 and all(abs(r - ratios[0]) < 1e-6 * abs(ratios[0]) for r in ratios)
+_MATRIX = re.compile(r"\\begin\{(pmatrix|bmatrix|Bmatrix|matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", re.S)
+
+
+def _matrix(s: str):
+    """A matrix (list of rows of SymPy values) for a matrix or a linear combination of matrices, or None.
+
+    Returns "text" when the string holds a matrix we cannot read."""
+    if "\\begin" not in s:
+        return None
+    s = re.sub(r"^\s*(?:[a-zA-Z]|\\vec\s*\{?[a-zA-Z]\}?)\s*=\s*", "", s)  # "v = (matrix)"
+    blocks = []
+
+    def keep(m):
+        rows = [[c.strip() for c in row.replace("\\hline", "").split("&")] for row in m.group(2).split("\\\\") if row.strip()]
+        blocks.append(rows)
+        return f" \x00{len(blocks) - 1}\x00 "
+
+    rest = _MATRIX.sub(keep, s).strip()
+    rest = re.sub(r"^[(\[]\s*(\x00\d+\x00)\s*[)\]]$", r"\1", rest)  # \left[ \begin{array}...\end{array} \right]
+    if not blocks or "\\begin" in rest:
+        return "text"
+    total = None
+    covered = 0
+    rest = re.sub(r"\s+", "", rest)
+    for m in re.finditer(r"([+-]?)([^+\x00-]*?)\x00(\d+)\x00", rest):  # [sign] [coefficient] matrix
+        if m.start() != covered:
+            return "text"
+        covered = m.end()
+        coefficient = m.group(2).removesuffix("\\cdot").removesuffix("*") or "1"
+        c = _parse(coefficient)
+        values = [[_parse(cell) for cell in row] for row in blocks[int(m.group(3))]]
+        if c is None or any(v is None for row in values for v in row) or len({len(r) for r in values}) != 1:
+            return "text"
+        c = -c if m.group(1) == "-" else c
+        scaled = [[c * v for v in row] for row in values]
+        if total is not None and [len(r) for r in total] != [len(r) for r in scaled]:
+            return "text"
+        total = scaled if total is None else [[u + v for u, v in zip(r, q)] for r, q in zip(total, scaled)]
+    return total if total is not None and covered == len(rest) else "text"
+
+
+def _same_matrix(a, b) -> bool:
+    return (len(a) == len(b) and all(len(r) == len(q) for r, q in zip(a, b))
+            and all(_same_value(u, v) for r, q in zip(a, b) for u, v in zip(r, q)))
+
+
+def _plain(s: str) -> str:
+    return re.sub(r"[\s{}]", "", s)
+
+
+def _approximation_matches(decimal: str, other) -> bool:
+    """A decimal with at least 6 significant digits approximates `other` if it is `other` rounded or cut
+    off at its last stated digit."""
+    digits = decimal.lstrip("-").replace(".", "").lstrip("0")
+    if "." not in decimal or len(digits) < 6 or other.free_symbols or _has_infinity(other):
+        return False
+    d = sympy.Rational(decimal)
+    ulp = sympy.Rational(1, 10 ** len(decimal.split(".")[1]))
+    x = _evaluate(other, {}, _ctx(_SECOND_BITS), [0])
+    if x.im is not None:
+        return False
+    v = x.re
+    low, high = (d - ulp / 2, d + ulp / 2)
+    rounded = v.a >= _ctx(_SECOND_BITS).mpf(int(low.p)) / int(low.q) and v.b <= _ctx(_SECOND_BITS).mpf(int(high.p)) / int(high.q)
+    cut_low, cut_high = (d, d + ulp) if d >= 0 else (d - ulp, d)
+    ctx = _ctx(_SECOND_BITS)
+    cut = v.a >= ctx.mpf(int(cut_low.p)) / int(cut_low.q) and v.b < ctx.mpf(int(cut_high.p)) / int(cut_high.q)
+    return bool(rounded or cut)
+
+
+_DECIMAL = re.compile(r"-?\d*\.\d+")
 
 
 def _scalar_match(pred: str, gold: str) -> bool:
-    if pred == gold or pred.lower() == gold.lower():
+    if pred == gold or re.fullmatch(r"[A-Za-z][A-Za-z ]+", pred) and pred.lower() == gold.lower():  # Monday, monday
         return True
-    pred_eq, gold_eq = pred.count("=") == 1, gold.count("=") == 1
-    if pred_eq and gold_eq:
-        (pl, pr), (gl, gr) = pred.split("="), gold.split("=")
-        a, b = parse_math(f"({pl})-({pr})"), parse_math(f"({gl})-({gr})")
-        return a is not None and b is not None and (_values_equal(a, b) or _proportional(a, b))
-    if pred_eq != gold_eq:  # "x = 5" vs "5": keep the right-hand side
-        lhs, rhs = (pred if pred_eq else gold).split("=")
-        if re.fullmatch(r"\s*[a-zA-Z]\s*", lhs):
-            return _scalar_match(rhs.strip(), gold) if pred_eq else _scalar_match(pred, rhs.strip())
-        return False
+    pe, ge = _equation(pred), _equation(gold)
+    if pe and ge:
+        a, b = _parse(f"({pe[0]})-({pe[1]})"), _parse(f"({ge[0]})-({ge[1]})")
+        return a is not None and b is not None and (_same_value(a, b) or _proportional(a, b))
+    if pe or ge:  # "x = 5" vs "5": keep the right-hand side when the left is a variable
+        lhs, rhs = pe or ge
+        if not re.fullmatch(r"[a-zA-Z]|\\(?:" + "|".join(_GREEK) + ")", lhs):
+            return False
+        return _match(rhs, gold) if pe else _match(pred, rhs)
+    pr, gr = _relation(pred), _relation(gold)
+    if pr or gr:
+        if pr and gr and len(pr[1]) == len(gr[1]) == 1:
+            a, b = _inequality(pr[0][0], pr[1][0], pr[0][1]), _inequality(gr[0][0], gr[1][0], gr[0][1])
+            if a and b and a[1] == b[1] and _proportional(a[0], b[0], positive=True):
+                return True
+        ra, rb = _region(pred), _region(gold)
+        return ra is not None and rb is not None and _same_region(ra, rb)
     if pred.endswith("%") or gold.endswith("%"):
         p, g = pred.rstrip("%").strip(), gold.rstrip("%").strip()
-        p_val, g_val = parse_math(p), parse_math(g)
+        p_val, g_val = _parse(p), _parse(g)
         if p_val is None or g_val is None:
             return False
-        if _values_equal(p_val, g_val):
+        if _same_value(p_val, g_val):
             return True
-        return _values_equal(p_val / 100, g_val) if pred.endswith("%") else _values_equal(p_val, g_val / 100)
-    a, b = parse_math(pred), parse_math(gold)
+        if pred.endswith("%") and not gold.endswith("%") and not g_val.is_Integer:  # 50% vs 0.5
+            return _same_value(p_val / 100, g_val)
+        if gold.endswith("%") and not pred.endswith("%") and not p_val.is_Integer:
+            return _same_value(p_val, g_val / 100)
+        return False
+    pb, gb = re.fullmatch(r"([0-9A-Za-z]+)_(\d+)", pred), re.fullmatch(r"([0-9A-Za-z]+)_(\d+)", gold)
+    if pb or gb:  # a number in base n: the same digits (a bare number is read in the gold's base)
+        if pb and gb:
+            return pb.groups() == gb.groups() or pb.group(1).lower() == gb.group(1).lower() and pb.group(2) == gb.group(2)
+        if pb:  # a numeral in base n against a plain number: compare values (1010_2 = 10)
+            digits, base = pb.group(1).lower(), int(pb.group(2))
+            if not 2 <= base <= 36 or any(int(ch, 36) >= base for ch in digits) or not re.fullmatch(r"\d+", gold):
+                return False
+            return int(digits, base) == int(gold)
+        digits, base = gb.group(1).lower(), int(gb.group(2))  # the gold's base, the digits alone (61 for 61_8)
+        return (pred.lstrip("0") or "0").lower() == digits
+    a, b = _parse(pred), _parse(gold)
     if a is None or b is None:
-        return re.sub(r"[\s{}]", "", pred).lower() == re.sub(r"[\s{}]", "", gold).lower()
-    return _values_equal(a, b)
+        return _plain(pred) == _plain(gold)
+    if _DECIMAL.fullmatch(pred) and _approximation_matches(pred, b):
+        return True
+    if _DECIMAL.fullmatch(gold) and _approximation_matches(gold, a):
+        return True
+    return _same_value(a, b)
 
 
-def _lists_match(preds: list[str], golds: list[str], ordered: bool) -> bool:
+def _shape(s: str) -> str:
+    if "\\begin" in s:
+        return "matrix"
+    if s == "\\emptyset" or (s.startswith("\\{") and s.endswith("\\}")):
+        return "set"
+    if any(_split_on_command(s, op)[1:] for op in ("\\cup", "\\cap", "\\setminus")):
+        return "region"
+    if len(_parts(s)) > 1:
+        return "list"
+    if re.fullmatch(r"[(\[].*,.*[)\]]", s, flags=re.S) and len(_split_top_level(s[1:-1])) > 1 and _balanced(s[1:-1]):
+        return "tuple"
+    if _relation(s):
+        return "relation"
+    return "scalar"
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    for c in s:
+        depth += 1 if c in "([{" else -1 if c in ")]}" else 0
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _same_elements(preds: list[str], golds: list[str]) -> bool:
+    """Equal as sets: every element of each side matches one of the other, duplicates ignored."""
+    def unique(items):
+        kept = []
+        for item in items:
+            if not any(_match(item, k) for k in kept):
+                kept.append(item)
+        return kept
+
+    preds, golds = unique(preds), unique(golds)
     if len(preds) != len(golds):
         return False
-    if ordered:
-        return all(_match(p, g) for p, g in zip(preds, golds))
     remaining = list(golds)
     for p in preds:
         hit = next((k for k, g in enumerate(remaining) if _match(p, g)), None)
@@ -464,49 +1242,83 @@ def _lists_match(preds: list[str], golds: list[str], ordered: bool) -> bool:
     return True
 
 
-def _matrix(s: str) -> list[list[str]] | None:
-    s = re.sub(r"^\s*(?:[a-zA-Z]|\\mathbf\{[a-zA-Z]\}|\\vec\{[a-zA-Z]\})\s*=\s*(?=\\begin)", "", s)  # "v = (matrix)"
-    m = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s, flags=re.S)
-    return None if m is None else [[c.strip() for c in row.split("&")] for row in m.group(1).split("\\\\") if row.strip()]
+def _elements(s: str, shape: str) -> list[str]:
+    if s == "\\emptyset":
+        return []
+    return _parts(s[2:-2]) if shape == "set" else _parts(s)
 
 
 def _match(pred: str, gold: str) -> bool:
+    _tick()
     pred, gold = normalize_answer(pred), normalize_answer(gold)
     if pred == gold:
         return True
-    pm, gm = _matrix(pred), _matrix(gold)
-    if pm is not None or gm is not None:
-        return pm is not None and gm is not None and len(pm) == len(gm) and all(
-            _lists_match(p, g, ordered=True) for p, g in zip(pm, gm))
-    for opening, closing in (("\\{", "\\}"),):
-        if pred.startswith(opening) and gold.startswith(opening) and pred.endswith(closing) and gold.endswith(closing):
-            return _lists_match(_parts(pred[2:-2]), _parts(gold[2:-2]), ordered=False)
-    pred_parts, gold_parts = _parts(pred), _parts(gold)
-    if len(pred_parts) > 1 or len(gold_parts) > 1:
-        return _lists_match(pred_parts, gold_parts, ordered=False)
-    bracketed = re.compile(r"([(\[])(.*)([)\]])", flags=re.S)
-    pb, gb = bracketed.fullmatch(pred), bracketed.fullmatch(gold)
-    if pb and gb and "," in pb.group(2) and "," in gb.group(2):  # tuples and intervals: ordered, brackets matter
-        return (pb.group(1), pb.group(3)) == (gb.group(1), gb.group(3)) and _lists_match(
-            _split_top_level(pb.group(2)), _split_top_level(gb.group(2)), ordered=True)
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return _plain(pred) == _plain(gold)
+    ps, gs = _shape(pred), _shape(gold)
+    if "matrix" in (ps, gs):
+        pm, gm = _matrix(pred), _matrix(gold)
+        if {ps, gs} == {"matrix", "tuple"}:  # a vector written as a tuple: (1, 2) vs a column or row
+            vector, entries = (pm, gold) if ps == "matrix" else (gm, pred)
+            if not isinstance(vector, list) or entries[0] != "(" or not (len(vector) == 1 or {len(r) for r in vector} == {1}):
+                return False
+            values = [_parse(e) for e in _split_top_level(entries[1:-1])]
+            flat = [v for row in vector for v in row]
+            return None not in values and len(values) == len(flat) and all(_same_value(u, v) for u, v in zip(values, flat))
+        if isinstance(pm, list) and isinstance(gm, list):
+            return _same_matrix(pm, gm)
+        return pm == gm == "text" and _plain(pred) == _plain(gold)
+    if "region" in (ps, gs) or {ps, gs} in ({"tuple", "relation"}, {"set", "relation"}, {"list", "relation"}):
+        ra, rb = _region(pred), _region(gold)
+        return ra is not None and rb is not None and _same_region(ra, rb)
+    if ps in ("set", "list") or gs in ("set", "list"):
+        if "tuple" in (ps, gs):
+            return False
+        return _same_elements(_elements(pred, ps) if ps != "scalar" else [pred],
+                              _elements(gold, gs) if gs != "scalar" else [gold])
+    if ps == "tuple" or gs == "tuple":
+        if ps != gs or (pred[0], pred[-1]) != (gold[0], gold[-1]):
+            return False
+        pp, gp = _split_top_level(pred[1:-1]), _split_top_level(gold[1:-1])
+        return len(pp) == len(gp) and all(_match(p, g) for p, g in zip(pp, gp))
     return _scalar_match(pred, gold)
 
 
 def answers_match(pred: str | None, gold: str | None) -> bool:
-    """True if two answer strings denote the same mathematical object. Never raises."""
+    """True if two answer strings denote the same mathematical object. Never raises; uses at most about
+    TIME_LIMIT_S of CPU time, on any thread (what cannot be decided by then counts as no match)."""
     if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
         return False
-    if len(pred) > 20 * MAX_ANSWER_CHARS:
+    if len(pred) > 20 * MAX_ANSWER_CHARS or len(gold) > 20 * MAX_ANSWER_CHARS:
         return False
     try:
         with _time_limit(TIME_LIMIT_S):
             return bool(_match(pred, gold))
-    except Exception:  # TimeoutError, and anything SymPy throws on odd input
+    except Exception:  # _OutOfTime, _Refused, and anything SymPy throws on odd input
         return False
 
 
-def grade(response: str, gold: str, *, dataset: str = "gsm8k") -> bool:
-    """Is the final answer in `response` equivalent to `gold`? `dataset` is "gsm8k" or "math"."""
+@dataclasses.dataclass(frozen=True)
+class Score:
+    answer: str | None  # the extracted answer (None if there is none, or only a guess from a cut-off response)
+    rule: str  # the extraction rule, or "truncated"
+    correct: bool
+
+
+def score_response(response: str, gold: str, *, truncated: bool = False) -> Score:
+    """The one scoring rule, for evaluation and for rewards: extract the final answer and compare it with
+    `gold`. A response cut off by the token limit (`truncated`) only counts if it stated its answer:
+    a fallback guess (the last number or formula of unfinished reasoning) is not an answer."""
+    found = extract(response)
+    answer, rule = found.answer, found.rule
+    if truncated and rule in FALLBACK_RULES:
+        answer, rule = None, "truncated"
+    return Score(answer, rule, answers_match(answer, gold))
+
+
+def grade(response: str, gold: str, *, dataset: str = "gsm8k", truncated: bool = False) -> bool:
+    """Is the final answer in `response` equivalent to `gold`? `dataset` is "gsm8k" or "math";
+    `truncated`: the response hit the token limit (see `score_response`)."""
     if dataset not in ("gsm8k", "math"):
         raise ValueError(f"dataset must be 'gsm8k' or 'math', got {dataset!r}")
-    return answers_match(extract_answer(response), gold)
+    return score_response(response, gold, truncated=truncated).correct

@@ -76,6 +76,7 @@ def test_record_contents(tiny_model, tokenizer, tmp_path):
 
 
 def test_truncated_fallback_is_not_an_answer():
+    """grade_record applies rlscratch.verify.score_response (tested against grade() in test_verify.py)."""
     base = {"gold": "4", "responses": ["... and so on, 2 + 2 = 4"]}
     assert E.grade_record({**base, "finish": ["stop"]})["correct"] == [True]
     cut = E.grade_record({**base, "finish": ["length"]})
@@ -93,12 +94,62 @@ def test_loaded_runs_are_regraded(tiny_model, tokenizer, tmp_path):
     log.write_text(json.dumps({**record, "correct": ["stale"], "extracted": ["stale"]}) + "\n")
     [again] = E.evaluate(tiny_model, tokenizer, PROBLEMS[:1], settings, run_dir=tmp_path, progress=False)
     assert again["correct"] == record["correct"] and again["extracted"] == record["extracted"]
+    on_disk = [json.loads(line) for line in log.read_text().splitlines()]  # the stale verdict was rewritten
+    assert len(on_disk) == 1 and on_disk[0]["correct"] == record["correct"] and on_disk[0]["responses"] == record["responses"]
 
 
 def test_run_names_differ_with_settings():
     a, b = E.EvalSettings(model="m"), E.EvalSettings(model="m", temperature=0.7)
     assert a.run_name("gsm8k") != b.run_name("gsm8k")
     assert a.run_name("gsm8k") == E.EvalSettings(model="m").run_name("gsm8k")
+    assert E.EvalSettings(model="m", weights="aa").run_name("gsm8k") != E.EvalSettings(model="m", weights="bb").run_name("gsm8k")
+
+
+def test_sampled_runs_resume_and_batch_sizes_draw_the_same_samples(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """Each problem's samples come from a seed derived from (run seed, problem id): an interrupted and
+    resumed run, and runs with other batch sizes, give exactly the samples of one uninterrupted run."""
+    settings = E.EvalSettings(model="tiny", max_new_tokens=6, temperature=1.0, n=2, seed=7)
+    whole = E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "a", progress=False)
+    assert len({tuple(r["responses"]) for r in whole}) > 1 and any(len(set(r["responses"])) > 1 for r in whole)  # really sampled
+    wider = E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=8, run_dir=tmp_path / "b", progress=False)
+    assert [r["responses"] for r in wider] == [r["responses"] for r in whole]
+
+    real_generate, calls = E.generate, []
+
+    def interrupted(model, tok, prompts, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped after two problems
+        return real_generate(model, tok, prompts, **kw)
+
+    monkeypatch.setattr(E, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "c", progress=False)
+    monkeypatch.setattr(E, "generate", real_generate)
+    resumed = E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=6, run_dir=tmp_path / "c", progress=False)
+    assert [r["responses"] for r in resumed] == [r["responses"] for r in whole]
+
+
+def test_runs_are_keyed_by_the_weights(tiny_model, tokenizer, tmp_path):
+    """A model with other weights (e.g. after training) never reuses the records of the one it started from."""
+    import copy
+
+    import torch
+
+    from rlscratch.model import weights_fingerprint
+
+    settings = E.EvalSettings(model="tiny", max_new_tokens=3)
+    E.evaluate(tiny_model, tokenizer, PROBLEMS[:1], settings, run_dir=tmp_path, progress=False)
+    [meta] = tmp_path.glob("*.settings.json")
+    assert json.loads(meta.read_text())["weights"] == weights_fingerprint(tiny_model)
+    trained = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        trained.lm_head.weight.add_(0.01)  # one "optimizer step"
+    assert weights_fingerprint(trained) != weights_fingerprint(tiny_model)
+    E.evaluate(trained, tokenizer, PROBLEMS[:1], settings, run_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2  # a second run, not the first one's records
+    E.evaluate(tiny_model, tokenizer, PROBLEMS[:1], settings, run_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2  # the original weights find their run again
 
 
 def test_bad_problem_lists(tiny_model, tokenizer, tmp_path):

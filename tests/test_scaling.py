@@ -7,7 +7,8 @@ from rlscratch.scaling import answer_entropy, group_answers, majority_vote, pass
 def test_equivalent_spellings_are_one_vote():
     assert majority_vote(["0.5", "3", "\\frac{1}{2}", "3", "1/2"]) == "0.5"
     assert majority_vote(["x = 4", "4", "5"]) == "x = 4"
-    assert [sorted(g) for g in group_answers(["1, 2", "\\{2, 1\\}", "2,1", "3"])] == [[0, 2], [1], [3]]
+    # a list and a set with the same elements are one answer (braces or none, any order); a tuple is not
+    assert [sorted(g) for g in group_answers(["1, 2", "\\{2, 1\\}", "2,1", "3", "(1, 2)"])] == [[0, 1, 2], [3], [4]]
 
 
 def test_missing_answers_never_win():
