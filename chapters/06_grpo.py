@@ -69,10 +69,11 @@ from pathlib import Path
 
 import torch
 
+from rlscratch.model import cache_dir
+
 SMOKE = os.environ.get("RLSCRATCH_SMOKE") == "1"  # the test suite's mode: the same toy run, tiny data
-DEVICE = "cpu"
 TOY_STEPS = 12 if SMOKE else 20  # optimizer steps of the toy run in section 11
-RUN_DIR = Path(os.environ.get("RLSCRATCH_GRPO_RUN", Path.home() / ".cache" / "rlscratch" / "runs" / "grpo-gsm8k"))
+RUN_DIR = Path(os.environ.get("RLSCRATCH_GRPO_RUN", cache_dir() / "runs" / "grpo-gsm8k"))  # the real run's folder
 WORK = Path(tempfile.mkdtemp(prefix="rlscratch-ch06-"))  # this notebook's own scratch runs
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
 chapter_start = time.perf_counter()
@@ -735,8 +736,8 @@ print("same answers with another generation batch size:", True)
 #   batch that policy is the current one, the ratio is exactly 1 and `logp.detach()` serves; with
 #   `updates_per_batch > 1` the second update no longer is, so the old log-probs are scored once,
 #   before the first update.
-# * **Gradient accumulation.** A batch of 32 answers of 300 tokens does not go through a 0.5B model
-#   at once on a laptop. It is split into micro-batches whose gradients add up before one optimizer
+# * **Gradient accumulation.** A batch of 32 answers of 300 tokens through a 0.5B model, with
+#   gradients, needs more memory than a laptop has to spare. It is split into micro-batches whose gradients add up before one optimizer
 #   step. Each micro-batch's loss is divided by the **whole batch's** normaliser (chapter 5, section
 #   5.2), so the sum of the micro-batch losses *is* the batch loss, and $k$ micro-batches give the
 #   same update as one large batch, up to float rounding.
@@ -886,9 +887,8 @@ def update_step(model, batches: list[MicroBatch], normalizer: float, cfg: TrainC
 # rounding noise of $10^{-12}$ into steps of the full learning rate, and would hide what we test.
 
 # %%
-def one_update(cfg, rollouts, seed=0):
-    torch.manual_seed(seed)
-    m, _ = load_model("tiny-random", dtype=torch.float32)
+def one_update(cfg, rollouts):
+    m = copy.deepcopy(tiny)  # a fresh copy of the random model each time
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     trained = trained_rollouts(rollouts, cfg)
     batches = micro_batches(trained, cfg, pad_id=0)
@@ -1001,7 +1001,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 # %%
 ckpt_dir = WORK / "ckpt-check"
 no_kl = dataclasses.replace(toy_cfg, beta=0.0)
-m1, _ = load_model("tiny-random", dtype=torch.float32)
+m1 = copy.deepcopy(tiny)
 opt1 = torch.optim.AdamW(m1.parameters(), lr=1e-3)
 update_step(m1, micro_batches(trained_rollouts(rollouts, no_kl), no_kl, 0), batch_normalizer(rollouts, no_kl), no_kl, opt1)
 torch.manual_seed(123)
@@ -1011,7 +1011,7 @@ expected_draw = torch.rand(3)
 (ckpt_dir / CHECKPOINTS / ".tmp-step-000004").mkdir()  # a save that was killed half-way
 print("kept:", [p.name for p in list_checkpoints(ckpt_dir)])
 state = load_checkpoint(list_checkpoints(ckpt_dir)[-1])
-m2, _ = load_model("tiny-random", dtype=torch.float32)
+m2 = copy.deepcopy(tiny)
 opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
 m2.load_state_dict(state["model"])
 opt2.load_state_dict(state["optimizer"])
@@ -1092,12 +1092,15 @@ assert torch.allclose(ours, theirs, atol=1e-4) and torch.equal(ours, reloaded)
 # | `zero_signal_fraction` | share of groups with all-equal rewards: wasted samples |
 # | `sequences_skipped`, `tokens_skipped` | what skipping them saved in the update |
 # | `response_length`, `truncation_rate` | longer reasoning or rambling; answers hitting the budget |
-# | `kl` | how far the policy has moved from the starting model (per token, k-estimator of the config) |
+# | `kl` | how far the policy has moved from the starting model (per token, the config's estimator) |
 # | `entropy` | how spread the policy's choices are; a fall to near 0 means it stopped exploring |
 # | `clip_fraction` | share of tokens whose ratio was clipped: 0 with one update per batch |
-# | `loss`, `grad_norm`, `lr` | the optimisation itself; a spike in `grad_norm` precedes most blow-ups |
+# | `loss`, `grad_norm`, `lr` | the optimisation itself; `grad_norm` is taken before clipping, so it shows how often the clip acts |
 # | `logprob_gap` | mean \|training log-prob − sampler log-prob\|: 0 up to rounding in float32, bf16's size otherwise |
 # | `time_generation`, `time_reference`, `time_policy` | where the step's time goes |
+#
+# `kl`, `entropy`, `clip_fraction` and `logprob_gap` are measured on the answers that went through
+# the update (not on skipped ones), and are empty (`null`) when none did.
 #
 # **Evaluation.** At the end of each epoch (and before training, and after the last step if that is
 # not an epoch's end) the model answers the held-out GSM8K test questions greedily with the
@@ -1531,7 +1534,7 @@ timing = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and 
 assert [timing(r) for r in run_a["metrics"]] == [timing(r) for r in run_b["metrics"]]
 w_a = load_model(WORK / "toy-interrupted" / "final", dtype=torch.float32)[0].state_dict()
 w_b = load_model(WORK / "toy-straight" / "final", dtype=torch.float32)[0].state_dict()
-w_0 = load_model("tiny-random", dtype=torch.float32)[0].state_dict()
+w_0 = tiny.state_dict()  # the starting weights (section 3's copy, never trained)
 print("max |weight difference| interrupted vs straight:", max((w_a[k] - w_b[k]).abs().max().item() for k in w_a))
 print("max |weight change| during training:", max((w_a[k] - w_0[k]).abs().max().item() for k in w_a))
 print("pre-pass:", {k: v for k, v in run_a["prepass"].items() if k != "kept"})

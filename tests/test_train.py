@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMING = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run many tiny operations: one thread each is fastest on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def toy_config(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "run"), wandb_mode="disabled", dtype="float32")
     return T.make_config(kw.pop("preset", "grpo"), "toy", **{**base, **kw})
@@ -289,6 +298,36 @@ def test_prepass_keeps_questions_solved_sometimes_and_resumes(tmp_path, tiny_mod
     assert {**again, "seconds": 0} == {**summary, "seconds": 0}
 
 
+def test_gsm8k_rewards_and_a_tiny_run_through_the_harness(tmp_path, monkeypatch, tokenizer):
+    task = T.Gsm8kTask()
+    problem = Problem("p", "What is 6 * 7?", "42", "", "gsm8k", 1)
+    answer = lambda text, finish="stop": Completion(0, 0, text, [1], [0.0], finish)
+    assert task.reward(problem, answer("So 6 * 7 = 42. The answer is \\boxed{42}.")) == 1.0
+    assert task.reward(problem, answer("The answer is \\boxed{41}.")) == 0.0
+    assert task.reward(problem, answer("6 * 7 = 42, and then", "length")) == 0.0  # cut off: a guess is no answer
+    assert task.reward(problem, answer("The answer is \\boxed{42}. Also", "length")) == 1.0  # stated, then cut off
+    assert "\\boxed{}" in task.prompt(tokenizer, problem)  # chapter 3's step_by_step prompt
+
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    rows = [{"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+            for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("RLSCRATCH_DATA", str(tmp_path / "data"))
+    cfg = T.make_config("dr_grpo", "gsm8k", model="tiny-random", output_dir=str(tmp_path / "run"), wandb_mode="disabled",
+                        dtype="float32", steps=2, prompts_per_step=2, group_size=2, max_new_tokens=6, eval_problems=2,
+                        eval_max_new_tokens=6, prepass_samples=0)
+    T.train(cfg, log=lambda s: None)
+    run = T.read_run(cfg.output_dir)
+    assert [(e["label"], e["step"], e["n"]) for e in run["evals"]] == [("start", 0, 2), ("epoch-1", 2, 2)]
+    assert all(m["reward_mean"] == 0 and m["zero_signal_fraction"] == 1 for m in run["metrics"])  # a random model
+    assert all(m["sequences_skipped"] == 4 and m["sequences_trained"] == 0 for m in run["metrics"])
+    records = sorted((Path(cfg.output_dir) / "evals").glob("gsm8k-step_by_step-t0.0-n1-*.jsonl"))
+    assert records and all(len(T._read_jsonl(r)) == 2 for r in records)
+    assert {"gold", "responses", "finish", "correct"} <= set(T._read_jsonl(records[0])[0])
+
+
 # ---------------------------------------------------------------- checkpoints and export
 
 
@@ -364,7 +403,7 @@ def _cli(out_dir, *extra, kill_after=None):
     if kill_after is not None:
         env["RLSCRATCH_TRAIN_KILL_AFTER_STEP"] = str(kill_after)
     argv = [sys.executable, "-m", "rlscratch.train", "--model", "tiny-random", "--task", "toy", "--preset", "grpo",
-            "--steps", "8", "--save-every", "3", "--output-dir", str(out_dir), "--seed", "4", "--lr", "0.005",
+            "--steps", "8", "--save-every", "4", "--output-dir", str(out_dir), "--seed", "4", "--lr", "0.005",
             "--dtype", "float32",
             "--eval-problems", "4", "--wandb-mode", "disabled", *extra]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -372,10 +411,10 @@ def _cli(out_dir, *extra, kill_after=None):
 
 @pytest.fixture(scope="module")
 def toy_runs(tmp_path_factory):
-    """The same toy command run straight through, and run with a SIGKILL after step 4 and then rerun."""
+    """The same toy command run straight through, and run with a SIGKILL after step 6 and then rerun."""
     root = tmp_path_factory.mktemp("toy-runs")
     straight = _cli(root / "straight")
-    killed = _cli(root / "killed", kill_after=4)
+    killed = _cli(root / "killed", kill_after=6)
     state_after_kill = T.read_run(root / "killed")
     resumed = _cli(root / "killed")
     return root, straight, killed, state_after_kill, resumed
@@ -415,10 +454,10 @@ def test_toy_cli_run_earns_rewards_and_changes_weights(toy_runs):
 def test_killed_run_resumes_to_the_same_weights_and_metrics(toy_runs):
     root, straight, killed, after_kill, resumed = toy_runs
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert after_kill["checkpoints"] == ["step-000003"] and len(after_kill["metrics"]) == 4  # step 4 was lost
+    assert after_kill["checkpoints"] == ["step-000004"] and len(after_kill["metrics"]) == 6  # steps 5-6 were lost
     assert not after_kill["final"]
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stdout and "from step 3" in resumed.stdout
+    assert "resuming" in resumed.stdout and "from step 4" in resumed.stdout
     a, b = _final_weights(root / "straight"), _final_weights(root / "killed")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
