@@ -472,6 +472,7 @@ class ToyTask:
 
 
 def make_task(cfg: TrainConfig) -> Gsm8kTask | ToyTask:
+    """The task `cfg.task` names."""
     return Gsm8kTask(cfg.template) if cfg.task == "gsm8k" else ToyTask()
 
 
@@ -581,7 +582,7 @@ def prepass(model, tokenizer, task, problems: list[Problem], cfg: TrainConfig, r
                                    temperature=cfg.temperature, top_p=cfg.top_p, n=k, stop=task.stop,
                                    seed=[derive_seed(cfg.seed, "prepass", p.id) for p in chunk],
                                    batch_size=cfg.generation_batch_size)
-        lines = []
+        lines = ["\n"] if records_path.exists() and not records_path.read_text().endswith("\n") else []  # a cut line
         for i, problem in enumerate(chunk):
             answers = completions[i * k:(i + 1) * k]
             done[problem.id] = {"id": problem.id, "rewards": [task.reward(problem, c) for c in answers],
@@ -797,7 +798,7 @@ def trained_rollouts(rollouts: list[Rollout], cfg: TrainConfig) -> list[Rollout]
     return [r for r in rollouts if r.in_loss and (r.advantage != 0 or not cfg.skip_zero_signal)]
 
 
-def micro_batches(rollouts: list[Rollout], cfg: TrainConfig, pad_id: int, device="cpu") -> list[MicroBatch]:
+def micro_batches(rollouts: list[Rollout], cfg: TrainConfig, pad_id: int, device: str = "cpu") -> list[MicroBatch]:
     """Left-padded tensors for `rollouts`, `cfg.micro_batch_size` sequences at a time."""
     out = []
     for start in range(0, len(rollouts), cfg.micro_batch_size):
@@ -953,6 +954,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators from `rng_state()`'s value."""
     version, keys, gauss = state["python"]
     random.setstate((version, tuple(keys), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -967,8 +969,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], *, keep: int = 2) -> P
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:06d}"
+    for stale in root.glob(".tmp-*"):  # saves that a kill interrupted
+        shutil.rmtree(stale)
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     with open(tmp / "state.pt", "wb") as f:
         torch.save(state, f)
@@ -992,6 +995,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The state saved in checkpoint folder `path` (tensors on the CPU; plain values only, no pickled code)."""
     return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
 
 
@@ -1192,15 +1196,18 @@ def evaluate_policy(model, tokenizer, task, problems: list[Problem], cfg: TrainC
 
 # %%
 #| export: train
-def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+def autocast_dtype(cfg: TrainConfig) -> torch.dtype:
     """bfloat16 where asked or (auto) where the device computes it natively; else float32."""
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype) or resolve_dtype("auto", cfg.device)
 
 
 def _check_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse a folder whose run started with other settings; record the settings."""
     path = run_dir / "config.json"
     current = dataclasses.asdict(cfg)
-    if path.exists():
+    started = list_checkpoints(run_dir) or any((run_dir / f).exists() for f in
+                                               ("metrics.jsonl", "evals.jsonl", "prepass.jsonl"))
+    if path.exists() and started:
         saved = json.loads(path.read_text())
         changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
         if changed:
@@ -1222,7 +1229,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
         model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=cfg.device)
     except (OSError, ValueError, ConnectionError) as err:
         raise ConfigError(f"cannot load model {cfg.model!r}: {err}") from None
-    use_bf16 = compute_dtype(cfg) == torch.bfloat16
+    use_bf16 = autocast_dtype(cfg) == torch.bfloat16
     device_type = torch.device(cfg.device).type
     autocast = partial(torch.autocast, device_type, dtype=torch.bfloat16, enabled=use_bf16)
     pack_for_cpu(model)  # faster CPU generation from the live float32 weights; no-op elsewhere
@@ -1453,6 +1460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The validated config of parsed command-line flags (unset flags: task and preset defaults)."""
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "task")}
     if overrides.get("wandb_mode") is None:
         overrides["wandb_mode"] = os.environ.get("WANDB_MODE", "offline")

@@ -164,11 +164,14 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys, monkeypatch):
 
 
 def test_run_folder_with_other_settings_is_refused(tmp_path):
-    cfg = toy_config(tmp_path)
-    Path(cfg.output_dir).mkdir(parents=True)
-    (Path(cfg.output_dir) / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "lr": 1.0}))
+    cfg = toy_config(tmp_path, model=str(tmp_path / "no-such-model"))
+    with pytest.raises(T.ConfigError, match="cannot load model"):
+        T.train(cfg)  # a run that never started ...
+    with pytest.raises(T.ConfigError, match="cannot load model"):
+        T.train(dataclasses.replace(cfg, model=str(tmp_path / "another")))  # ... does not block its folder
+    (Path(cfg.output_dir) / "metrics.jsonl").write_text(json.dumps({"step": 1, "optimizer_step": 1}) + "\n")
     with pytest.raises(T.ConfigError, match="other settings.*lr"):
-        T.train(cfg)
+        T.train(dataclasses.replace(cfg, lr=1.0))  # one that did, does
     assert T.read_run(tmp_path / "nothing-here") is None
 
 
