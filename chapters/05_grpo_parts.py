@@ -58,9 +58,10 @@
 # %% [markdown]
 # ## 0. Parameters
 #
-# Most of this chapter works on small tensors and runs in seconds anywhere. Only section 1 uses a
-# real model, for a handful of short completions. With `RLSCRATCH_SMOKE=1` a tiny random-weight
-# model stands in for it.
+# Most of this chapter works on small tensors and runs in seconds anywhere. Sections 1 and 7 use
+# the real model: section 1 for a handful of short completions, section 7 for a first training run
+# (about 10 minutes of a 2-core CPU; its record is cached in `data/results/`, so re-executing the
+# chapter takes about a minute). With `RLSCRATCH_SMOKE=1` a tiny random-weight model stands in.
 
 # %%
 import math
@@ -471,8 +472,9 @@ assert (ours - b.logprobs)[mask].abs().max() < (0.5 if dtype == torch.bfloat16 e
 #
 # The reward is the verifier of chapter 2: 1 if the final answer of the completion is equivalent to
 # the reference answer, 0 otherwise. It needs no reward model and cannot be flattered by style. We use
-# the package's `rlscratch.verify.grade`, the same function that scored every evaluation so far, so
-# training optimises exactly the number the benchmarks report.
+# the package's `rlscratch.verify.grade`, the same rule that scored every evaluation so far (a
+# response cut off by the token limit earns nothing for a guessed last number: pass
+# `truncated=True`), so training optimises exactly the number the benchmarks report.
 
 # %%
 from rlscratch.verify import grade
@@ -586,7 +588,8 @@ runs = sorted((results_dir() / "runs").glob("gsm8k-step_by_step-t0.3-n20-*.jsonl
 assert runs, "chapter 3's self-consistency records are missing"
 records = [json.loads(line) for line in runs[0].read_text().splitlines() if line.strip()]
 correct = torch.tensor([r["correct"] for r in records], dtype=torch.float64)  # (problems, 20)
-regraded = [[grade(text, r["gold"]) for text in r["responses"]] for r in records[:5]]
+regraded = [[grade(text, r["gold"], truncated=finish == "length") for text, finish in zip(r["responses"], r["finish"])]
+            for r in records[:5]]
 assert regraded == [r["correct"] for r in records[:5]]
 per_problem = correct.mean(1)
 print(f"{runs[0].name}: {len(records)} problems x {correct.shape[1]} samples, mean accuracy {per_problem.mean():.1%}")
@@ -880,10 +883,8 @@ for kind, target in (("k1", torch.zeros(6, dtype=torch.float64)), ("k2", true_fo
 print(f"grad KL(pi||ref) {true_forward.numpy().round(4)}\ngrad KL(ref||pi) {true_reverse.numpy().round(4)}")
 
 # %% [markdown]
-# > **Placeholder (the lead will add this): the KL table on the real model.** The table of section
-# > 4.1 again, on tokens sampled from the real model at temperature 1, with $\pi_{\text{ref}}$ a
-# > checkpoint after some training steps (or the same model at another temperature), comparing k1,
-# > k2 and k3 per token against the exact KL computed from both full distributions at each position.
+# The same comparison on the real model needs a policy that has moved away from its reference; we
+# get one in section 7, after a short training run, and repeat the table there on real tokens.
 
 # %% [markdown]
 # ## 5. Putting the loss together, and how to average it
@@ -1193,12 +1194,231 @@ print("gradcheck passed for 3 aggregations x 3 estimators")
 # %% [markdown]
 # ## 7. A first real run
 #
-# > **TODO (lead): this section is still to be written.** A minimal loop on the real model: sample
-# > $G$ completions per prompt with `rlscratch.generate`, reward them with `rlscratch.verify.grade`,
-# > `group_advantages`, score with `sequence_logprobs`, `grpo_loss`, one optimizer step; on a task where
-# > learning is visible within about 15 minutes of a 2-core CPU (e.g. short arithmetic with a required
-# > answer format). Plot the reward per step, show samples before and after, and say what was learned
-# > (format, correctness, length).
+# Every part is checked; now we connect them and let the real model learn. The loop is the smallest
+# that deserves the name GRPO: for each step, take $P$ prompts, sample $G$ completions of each from
+# the *current* model, reward them with the chapter 2 verifier, turn rewards into group advantages,
+# score the same tokens with gradients, and take one AdamW step on the clipped loss. No reference
+# model, no schedule, no checkpoints: chapter 6 adds those.
+#
+# **The task** must show learning within about a quarter of an hour on two CPU cores, so each
+# completion must be short and the reward must sometimes be earned from the start (a group whose
+# answers are all wrong teaches nothing, section 2.3). Two-digit multiplication with a strict
+# budget does both: "What is 47 × 86? Put the final answer in \boxed{}", at most 64 new tokens. The
+# instruct model likes to explain its arithmetic at length, so many answers run out of tokens before
+# the box and earn 0 (a truncated response without a stated answer counts as no answer, the rule of
+# chapter 2); some are short enough and right. What the policy can learn here is a mix of *format*
+# (box the answer), *length* (finish within budget) and *correctness*: we measure all three rather
+# than guess which one moved.
+#
+# Settings: $P = 4$ prompts × $G = 8$ samples per step at temperature 1, AdamW, float32 master
+# weights with bf16 matrix products where the CPU has them, token-mean aggregation, no KL term.
+# The learning rate came from two short pilots on *training* problems (the same generator, another
+# split): at $10^{-5}$ a single step collapsed the policy into short wrong guesses (training reward
+# 0.125 at step 0, then 0 for five steps in a row, every completion about 12 tokens, none boxed); at
+# $10^{-6}$ the training reward stayed above zero (0.44, 0.16, 0.09 over the next three steps) while
+# the answers also got much shorter. Adam's first steps move *every* weight by about the learning
+# rate, whatever the gradient's size, so a rate that is tame for supervised fine-tuning can be
+# violent here. Before and after training we
+# evaluate greedy decoding on 64 held-out problems. The run's record (rewards, lengths, timings,
+# sample answers) is cached in `data/results/`, so re-executing the notebook does not retrain.
+
+# %%
+import json
+import random
+
+from rlscratch.generate import chat_prompt, derive_seed, pack_for_cpu
+from rlscratch.model import resolve_dtype
+from rlscratch.results import cached_result
+from rlscratch.verify import score_response
+
+FIRST_RUN = dict(steps=3 if SMOKE else 16, prompts=2 if SMOKE else 4, group=4 if SMOKE else 8,
+                 max_new_tokens=16 if SMOKE else 64, lr=1e-6, eval_problems=8 if SMOKE else 64, seed=0)
+
+
+def multiplication(index: int, split: str) -> tuple[str, str]:
+    """Problem `index` of a split ("train" or "test"): a two-digit product and its answer."""
+    rng = random.Random(derive_seed("multiply", split, index))
+    a, b = rng.randint(11, 99), rng.randint(11, 99)
+    return f"What is {a} × {b}? Put the final answer in \\boxed{{}}.", str(a * b)
+
+
+def reward_of(completion, gold: str) -> float:
+    return float(score_response(completion.text, gold, truncated=completion.finish_reason == "length").correct)
+
+
+def greedy_accuracy(policy, n: int) -> dict:
+    problems = [multiplication(i, "test") for i in range(n)]
+    prompts = [chat_prompt(tokenizer, q) for q, _ in problems]
+    outs = generate(policy, tokenizer, prompts, max_new_tokens=FIRST_RUN["max_new_tokens"], batch_size=32)
+    rewards = [reward_of(o, gold) for o, (_, gold) in zip(outs, problems)]
+    return {"accuracy": sum(rewards) / n, "boxed": sum("\\boxed" in o.text for o in outs) / n,
+            "truncated": sum(o.finish_reason == "length" for o in outs) / n,
+            "length": sum(len(o.token_ids) for o in outs) / n, "samples": [o.text for o in outs[:3]]}
+
+
+def first_run() -> dict:
+    """The minimal GRPO loop of this chapter; returns its record (no weights are kept)."""
+    cfg = FIRST_RUN
+    policy, _ = load_model(MODEL, dtype=torch.float32, device=DEVICE)  # float32 master weights
+    compute = resolve_dtype("auto", DEVICE)
+    autocast = torch.autocast(DEVICE, dtype=compute, enabled=compute != torch.float32)
+    pack_for_cpu(policy)  # fast generation; the packed weights follow every optimizer step
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    record = {"settings": cfg, "compute_dtype": str(compute), "steps": []}
+    with autocast:
+        record["before"] = greedy_accuracy(policy.eval(), cfg["eval_problems"])
+    for step in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        problems = [multiplication(step * cfg["prompts"] + i, "train") for i in range(cfg["prompts"])]
+        prompts = [chat_prompt(tokenizer, q) for q, _ in problems]
+        policy.eval()
+        with autocast:
+            outs = generate(policy, tokenizer, prompts, n=cfg["group"], temperature=1.0,
+                            max_new_tokens=cfg["max_new_tokens"], batch_size=len(prompts) * cfg["group"],
+                            seed=[derive_seed(cfg["seed"], step, i) for i in range(len(prompts))])
+        t1 = time.perf_counter()
+        rewards = torch.tensor([reward_of(o, problems[o.prompt_index][1]) for o in outs])
+        advantages = group_advantages(rewards, cfg["group"])
+        prompt_ids = [tokenizer.encode(prompts[o.prompt_index], add_special_tokens=False) for o in outs]
+        batch = completion_batch(prompt_ids, [o.token_ids for o in outs], pad_id=tokenizer.pad_token_id)
+        policy.train()
+        with autocast:
+            logp = sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                     chunk_size=CHUNK_SIZE)
+        loss, stats = grpo_loss(logp, logp.detach(), advantages, batch.completion_mask, aggregation="token")
+        optimizer.zero_grad(set_to_none=True)
+        if advantages.abs().sum() > 0:  # all-equal groups everywhere: no signal, skip the update
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0))
+            optimizer.step()
+        else:
+            grad_norm = 0.0
+        row = {"step": step, "reward": rewards.mean().item(), "loss": loss.item(), "grad_norm": grad_norm,
+               "length": sum(len(o.token_ids) for o in outs) / len(outs),
+               "truncated": sum(o.finish_reason == "length" for o in outs) / len(outs),
+               "boxed": sum("\\boxed" in o.text for o in outs) / len(outs),
+               "signal_groups": int((rewards.view(-1, cfg["group"]).std(1) > 0).sum()),
+               "generate_s": t1 - t0, "update_s": time.perf_counter() - t1}
+        record["steps"].append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    policy.eval()
+    del optimizer  # frees the optimizer state (twice the weights) before loading the reference model
+    with autocast:
+        record["after"] = greedy_accuracy(policy, cfg["eval_problems"])
+    record["kl"] = kl_on_real_tokens(policy, autocast)
+    return record
+
+
+def kl_on_real_tokens(policy, autocast, problems: int = 4, samples: int = 4) -> dict:
+    """Section 4's estimators on tokens the trained policy samples, against the exact per-position KL
+    to the starting model (full distributions over the vocabulary, float32)."""
+    reference, _ = load_model(MODEL, dtype=torch.float32, device=DEVICE)  # the starting weights
+    prompts = [chat_prompt(tokenizer, multiplication(i, "test")[0]) for i in range(problems)]
+    with autocast:
+        outs = generate(policy, tokenizer, prompts, n=samples, temperature=1.0,
+                        max_new_tokens=FIRST_RUN["max_new_tokens"], seed=[derive_seed("kl", i) for i in range(problems)])
+    prompt_ids = [tokenizer.encode(prompts[o.prompt_index], add_special_tokens=False) for o in outs]
+    batch = completion_batch(prompt_ids, [o.token_ids for o in outs], pad_id=tokenizer.pad_token_id)
+    mask = batch.completion_mask.bool()
+    with torch.no_grad():  # full float32 distributions at every position that predicts a completion token
+        logp_all, ref_all = (torch.log_softmax(m.lm_head(m(batch.input_ids, attention_mask=batch.attention_mask,
+                                                            return_hidden=True)[:, :-1][mask[:, 1:]]).float(), -1)
+                             for m in (policy, reference))
+    del reference
+    targets = batch.input_ids[:, 1:][mask[:, 1:]]
+    exact = (logp_all.exp() * (logp_all - ref_all)).sum(-1)  # KL(policy || reference) at each position
+    logp, ref = logp_all.gather(-1, targets[:, None])[:, 0], ref_all.gather(-1, targets[:, None])[:, 0]
+    rows = {kind: {"mean": kl_penalty(logp, ref, kind).mean().item(), "std": kl_penalty(logp, ref, kind).std().item(),
+                   "max": kl_penalty(logp, ref, kind).max().item()} for kind in KL_ESTIMATORS}
+    return {"tokens": int(mask.sum()), "exact_mean": exact.mean().item(), "exact_std": exact.std().item(),
+            "exact_max": exact.max().item(), "estimators": rows}
+
+
+if SMOKE:  # never mix smoke-model results into the real ones
+    import tempfile
+
+    os.environ["RLSCRATCH_RESULTS"] = tempfile.mkdtemp()
+run = cached_result(f"05_first_run_{MODEL.replace(':', '_').replace('/', '_')}", first_run)
+
+# %% [markdown]
+# The reward per step, and what moved with it: the share of answers that ran out of tokens, the
+# share that used the box, and the mean length. Each point is 32 samples (4 problems × 8), so
+# single steps are noisy; watch the trend.
+
+# %%
+import matplotlib.pyplot as plt
+
+steps = run["steps"]
+xs = [r["step"] for r in steps]
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+ax1.plot(xs, [r["reward"] for r in steps], "o-", label="reward (fraction correct)")
+ax1.plot(xs, [r["truncated"] for r in steps], "s--", label="ran out of tokens")
+ax1.plot(xs, [r["boxed"] for r in steps], "^:", label="used \\boxed{}")
+ax1.set(xlabel="optimizer step", ylabel="fraction of 32 samples", ylim=(-0.05, 1.05), title="training samples")
+ax1.legend(fontsize=8)
+ax2.plot(xs, [r["length"] for r in steps], "o-", color="C3")
+ax2.set(xlabel="optimizer step", ylabel="tokens per completion", title="completion length")
+plt.tight_layout()
+plt.show()
+before, after = run["before"], run["after"]
+n_eval = run["settings"]["eval_problems"]
+print(f"greedy, {n_eval} held-out problems     before   after")
+for key, label in (("accuracy", "accuracy"), ("boxed", "used \\boxed{}"), ("truncated", "ran out of tokens"),
+                   ("length", "mean tokens")):
+    fmt = "{:8.1f}" if key == "length" else "{:8.1%}"
+    print(f"{label:<32}" + fmt.format(before[key]) + fmt.format(after[key]))
+seconds = sum(r["generate_s"] + r["update_s"] for r in steps)
+print(f"{len(steps)} steps in {seconds / 60:.1f} min ({sum(r['generate_s'] for r in steps) / seconds:.0%} generating)")
+for label, record in (("before", before), ("after", after)):
+    for text in record["samples"][:2]:
+        print(f"{label}: {text[:160]!r}")
+
+# %% [markdown]
+# **What it learned.** On the 64 held-out problems, greedy accuracy went from 12.5% (8 of 64) to
+# 28.1% (18 of 64); a two-proportion test gives p ≈ 0.03 (unpaired: the run kept only the totals, so
+# we cannot pair problems; for paired data this test is usually the conservative one). The mechanism
+# is visible in the other rows: before training three answers in four ran out of the 64-token budget
+# while explaining the multiplication, and a truncated answer earns nothing; after sixteen steps
+# *no* answer is truncated, the mean length fell from about 59 to 14 tokens, and the model states a
+# product directly ("69 × 95 equals 6505.", wrong by 50). It also stopped using `\boxed{}`, which
+# the reward never required: the chapter 2 verifier accepts a final number without a box when the
+# response is complete. So GRPO found the cheapest way to earn this reward, *finish within budget
+# with a number*, not better arithmetic: about a quarter of the direct guesses are right. The first
+# step did most of it (length 34 → 14 tokens; section 7's pilots showed the same), which is why the
+# learning rate matters so much. The training reward per step is noisy (4 new problems each step,
+# and most groups have one or no correct answer: `signal_groups` was 1-3 of 4) and has no clear
+# trend after step 1; the held-out evaluation, with the same 64 problems before and after, is the
+# measurement to trust.
+#
+# Chapter 6 repeats this on GSM8K with the pieces left out here: a KL penalty to the starting
+# model, a learning-rate warm-up, a token budget that leaves room to reason, and an evaluation
+# with the chain-of-thought prompt.
+
+# %% [markdown]
+# **Section 4's estimators on real tokens.** The trained policy has moved away from the starting
+# model, which gives us a real pair of distributions. We sample completions from the policy, compute
+# the *exact* KL to the starting model at every position from the two full 151,936-way
+# distributions, and compare the per-token estimators with it. In training only the sampled token's
+# log-probs are available, which is why the estimators exist at all.
+
+# %%
+kl = run["kl"]
+print(f"{kl['tokens']} sampled tokens; exact KL(policy || start) per position: mean {kl['exact_mean']:.4f}, "
+      f"std {kl['exact_std']:.4f}, max {kl['exact_max']:.3f}")
+print(f"{'estimator':>9} {'mean':>9} {'mean/exact':>11} {'std':>9} {'max':>9}")
+for kind, row in kl["estimators"].items():
+    print(f"{kind:>9} {row['mean']:9.4f} {row['mean'] / max(kl['exact_mean'], 1e-12):11.2f} {row['std']:9.4f} {row['max']:9.3f}")
+
+# %% [markdown]
+# After sixteen steps the policy is far from its start: 0.24 nats of KL per token on average, up to
+# 1.4 at single positions. On these 267 tokens k1 lands close to the exact mean and k2 overestimates,
+# as in the toy table of section 4.1. k3's mean is three times the exact value, but not because k3
+# is biased: its standard deviation per token is 9.5, so the standard error of a 267-token mean is
+# about 0.58, and the excess comes from a handful of tokens (the largest single value is 154) at
+# which the starting model gave the sampled token a far *higher* probability than the policy now
+# does. That is section 4.2's heavy tail, seen on real text: once the policy has moved this far, a
+# k3 penalty is dominated by a few tokens, which is one reason GRPO keeps β small and the policy
+# close to its reference.
 
 # %% [markdown]
 # ## Summary
