@@ -1515,8 +1515,8 @@ for argv in (["--task", "toy", "--group-size", "1"], ["--task", "toy", "--model"
 
 # %%
 def toy_config(folder: str, **kw):
-    return make_config("grpo", "toy", steps=TOY_STEPS, save_every=2, seed=2, output_dir=str(WORK / folder),
-                       wandb_mode="disabled", dtype="float32", **kw)
+    return make_config("grpo", "toy", steps=TOY_STEPS, save_every=2, keep_checkpoints=1, seed=2,
+                       output_dir=str(WORK / folder), wandb_mode="disabled", dtype="float32", **kw)
 
 
 class Stop(Exception):
@@ -1717,4 +1717,7 @@ else:
 # the settings one GPU would use; this book's recorded numbers come from the CPU.
 
 # %%
+import shutil
+
+shutil.rmtree(WORK)  # this notebook's scratch runs: checkpoints hold optimizer state, about 1 GB
 print(f"chapter executed in {(time.perf_counter() - chapter_start) / 60:.1f} min")

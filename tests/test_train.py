@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,6 +330,7 @@ def test_gsm8k_rewards_and_a_tiny_run_through_the_harness(tmp_path, monkeypatch,
     records = sorted((Path(cfg.output_dir) / "evals").glob("gsm8k-step_by_step-t0.0-n1-*.jsonl"))
     assert records and all(len(T._read_jsonl(r)) == 2 for r in records)
     assert {"gold", "responses", "finish", "correct"} <= set(T._read_jsonl(records[0])[0])
+    shutil.rmtree(cfg.output_dir)
 
 
 # ---------------------------------------------------------------- checkpoints and export
@@ -420,7 +422,8 @@ def toy_runs(tmp_path_factory):
     killed = _cli(root / "killed", kill_after=6)
     state_after_kill = T.read_run(root / "killed")
     resumed = _cli(root / "killed")
-    return root, straight, killed, state_after_kill, resumed
+    yield root, straight, killed, state_after_kill, resumed
+    shutil.rmtree(root, ignore_errors=True)  # checkpoints with optimizer state: about 1 GB
 
 
 def _final_weights(run_dir):
@@ -480,3 +483,4 @@ def test_updates_per_batch_reuse_rollouts_with_old_logprobs(tmp_path):
     assert rows[1]["loss"] != rows[0]["loss"]  # the second sees ratios != 1
     assert [r["lr"] for r in rows] == pytest.approx(
         [cfg.lr * T.lr_factor(s, warmup_steps=0, total_steps=4, min_lr_ratio=cfg.min_lr_ratio) for s in range(4)])
+    shutil.rmtree(cfg.output_dir)
