@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_notebooks_pairs_and_package_are_in_sync():
-    """chapters/*.ipynb, their paired chapters/*.py and the generated rlscratch modules agree."""
+    """chapters/*.ipynb, their paired chapters/scripts/*.py and the generated rlscratch modules agree."""
     result = subprocess.run([sys.executable, "tools/export.py", "--check"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -10,5 +10,6 @@ python -m pip --version >/dev/null
 # PyTorch first, so that the dependency resolver does not pick a build for us.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
 python -m pip install -q -e ".[${extras}]"
-python -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
+# A kernel named "rlscratch" inside this environment (the notebooks ask for it); other kernels untouched.
+python -m ipykernel install --sys-prefix --name rlscratch --display-name "Python (rlscratch)" >/dev/null
 echo "rlscratch installed (extras: ${extras})"

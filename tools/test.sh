@@ -8,4 +8,4 @@ if [ -z "${RLSCRATCH_DATA:-}" ] && [ -d ../shared/data ]; then
   export RLSCRATCH_DATA="$(cd ../shared/data && pwd)"
 fi
 export RLSCRATCH_SMOKE=1
-python -m pytest tests chapters --nbval-lax -p no:cacheprovider "$@"
+python -m pytest tests chapters --nbval-lax --nbval-current-env -p no:cacheprovider "$@"
