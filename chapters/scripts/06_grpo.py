@@ -109,7 +109,8 @@ print(f"smoke={SMOKE} threads={torch.get_num_threads()} torch={torch.__version__
 #| export: train
 """The GRPO training loop (chapter 6): rollouts from the live policy, rewards from the verifier, the
 chapter 5 loss, evaluation through the chapter 2 harness, checkpoints that resume exactly, Hugging Face
-export, and a command line (`python -m rlscratch.train --help`).
+export, and a command line (`python -m rlscratch.train --help`). Under `torchrun` the same loop runs
+data-parallel over several processes (DDP, or FSDP2 with --fsdp); see `init_distributed`.
 
 Testing hook: with RLSCRATCH_TRAIN_KILL_AFTER_STEP=k in the environment the process kills itself with
 SIGKILL right after step k is complete, so that tests can show that rerunning the command resumes exactly.
@@ -120,6 +121,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -135,13 +137,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from rlscratch.data import DataError, Problem, load_gsm8k
 from rlscratch.evaluate import EvalSettings, evaluate, summarize
 from rlscratch.generate import Completion, derive_seed, generate, pack_for_cpu
 from rlscratch.grpo import (ADVANTAGE_SCALES, AGGREGATIONS, KL_ESTIMATORS, completion_batch, group_advantages,
                             grpo_loss, loss_normalizer, sequence_logprobs)
-from rlscratch.model import OFFLINE_MODEL, cache_dir, hf_reference, hf_state_dict, load_model, resolve_dtype
+from rlscratch.model import (OFFLINE_MODEL, Qwen2Model, cache_dir, hf_reference, hf_state_dict, load_model,
+                             resolve_dtype)
 from rlscratch.prompts import TEMPLATES, format_prompt, stop_strings
 from rlscratch.verify import score_response
 
@@ -199,6 +205,7 @@ class TrainConfig:
     entropy_stride: int = 4  # policy entropy measured at every k-th answer token
     dtype: str = "auto"  # compute: "auto" (bf16 where native), "bfloat16" or "float32"; weights stay float32
     device: str = "cpu"
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2)
     # run length and records
     steps: int | None = None  # rollout steps; None: `epochs` passes over the training questions
     epochs: int = 1
@@ -229,8 +236,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
                 micro_batch_size=32, entropy_stride=1, generation_batch_size=32),
 }
 
-# fields a rerun may change without making it another run
-RESUMABLE_CHANGES = ("wandb_mode", "wandb_project")
+# fields a rerun may change without making it another run (DDP and FSDP compute the same update and write
+# the same checkpoints, so a run may switch between them)
+RESUMABLE_CHANGES = ("wandb_mode", "wandb_project", "fsdp")
 
 
 def default_output_dir(preset: str, task: str) -> Path:
@@ -633,9 +641,61 @@ assert signal_fraction([0.0, 1.0], 8) == 0.0 and abs(signal_fraction([0.5], 2) -
 # Rewards make groups; groups whose rewards are all equal are flagged. Under DAPO's dynamic
 # sampling (`drop_zero_signal`) they leave the batch and up to `max_refills` more rounds of $P$
 # questions are sampled until $P$ groups with signal are found.
+#
+# **Several processes.** A run may also be spread over several processes, one per GPU (section 13
+# starts them with `torchrun`). Each process is told its *rank* $r$ among $N$; `Dist` keeps the two
+# numbers and the few collective operations the loop needs. The $P$ questions of a round are split
+# into $N$ contiguous shares; process $r$ samples the $G$ answers of its share's questions (a group
+# never straddles two processes, so its advantages need no communication), and then every process
+# receives every group, in question order. From there each process holds exactly the batch a single
+# process would have sampled, since every seed derives from the question's position and not from
+# who sampled it, and the batch's statistics, advantages and normaliser are computed identically
+# everywhere. With one process, `Dist()` is rank 0 of 1 and every collective returns its input.
 
 # %%
 #| export: train
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """This process's place in a run: rank `rank` of `world` processes (under torchrun), else rank 0 of 1.
+    The methods other than `share` are collectives: every process calls them, in the same order."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes the run folder: logs, metrics, evaluations, checkpoints, exports."""
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        """This process's contiguous share of `items` (shares differ in size by at most one)."""
+        n = len(items)
+        return items[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+
+    def gather(self, items: list) -> list:
+        """Every process's `items`, concatenated in rank order (the inverse of `share`)."""
+        if self.world == 1:
+            return list(items)
+        parts: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(parts, list(items))
+        return [x for part in parts for x in part]
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value`, on every process."""
+        return value if self.world == 1 else self.gather([value])[0]
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value summed over the processes (in rank order, so every process gets the same floats)."""
+        if self.world == 1:
+            return values
+        parts = self.gather([values])
+        return {k: sum(part[k] for part in parts) for k in values}
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
 class DataOrder:
     """The training questions in a fresh seeded permutation per epoch; `at(position)` is the question at
     that position of the endless sequence epoch 0, epoch 1, ..."""
@@ -665,6 +725,7 @@ class Group:
     prompt_ids: list[int]
     completions: list[Completion]
     rewards: list[float]
+    rank: int = 0  # the process that sampled the group, and trains on it
 
     @property
     def has_signal(self) -> bool:
@@ -672,8 +733,10 @@ class Group:
 
 
 def sample_groups(model, tokenizer, task, order: DataOrder, positions: list[int], cfg: TrainConfig, step: int,
-                  autocast=contextlib.nullcontext) -> list[Group]:
+                  autocast=contextlib.nullcontext, rank: int = 0) -> list[Group]:
     """G answers from the live policy for the question at each data-order position, with their rewards."""
+    if not positions:
+        return []
     problems = [order.at(i) for i in positions]
     prompt_ids = _encode(tokenizer, task, problems)
     with autocast():
@@ -682,19 +745,21 @@ def sample_groups(model, tokenizer, task, order: DataOrder, positions: list[int]
                                seed=[derive_seed(cfg.seed, "rollout", step, i, p.id) for i, p in zip(positions, problems)],
                                batch_size=cfg.generation_batch_size)
     G = cfg.group_size
-    return [Group(p, i, ids, completions[k * G:(k + 1) * G], [task.reward(p, c) for c in completions[k * G:(k + 1) * G]])
-            for k, (p, i, ids) in enumerate(zip(problems, positions, prompt_ids))]
+    return [Group(p, i, ids, completions[k * G:(k + 1) * G], [task.reward(p, c) for c in completions[k * G:(k + 1) * G]],
+                  rank) for k, (p, i, ids) in enumerate(zip(problems, positions, prompt_ids))]
 
 
 def collect_groups(model, tokenizer, task, order: DataOrder, cursor: int, cfg: TrainConfig, step: int,
-                   autocast=contextlib.nullcontext) -> tuple[list[Group], list[Group], int]:
+                   autocast=contextlib.nullcontext, dist: Dist = Dist()) -> tuple[list[Group], list[Group], int]:
     """(groups to train on, every group sampled, new cursor) for one step: P questions, and with
-    `drop_zero_signal` up to `max_refills` more rounds until P groups carry a signal."""
+    `drop_zero_signal` up to `max_refills` more rounds until P groups carry a signal. With several
+    processes each samples its share of a round's questions, and all return every group."""
     P = cfg.prompts_per_step
     kept: list[Group] = []
     sampled: list[Group] = []
     for round_ in range(1 + cfg.max_refills):
-        groups = sample_groups(model, tokenizer, task, order, list(range(cursor, cursor + P)), cfg, step, autocast)
+        mine = dist.share(list(range(cursor, cursor + P)))
+        groups = dist.gather(sample_groups(model, tokenizer, task, order, mine, cfg, step, autocast, dist.rank))
         cursor += P
         sampled += groups
         kept += [g for g in groups if g.has_signal] if cfg.drop_zero_signal else groups
@@ -828,10 +893,34 @@ def _entropy(model, hidden: torch.Tensor, mb: MicroBatch, cfg: TrainConfig) -> t
     return total, states.shape[0]
 
 
+def _accumulating(model, sync: bool):
+    """Gradient accumulation over processes: the backward passes of all micro-batches but the last add to
+    this process's own gradients; the last one's also sums them over the processes (DDP all-reduces,
+    FSDP reduce-scatters). A no-op for a model on one process."""
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def _idle_batch(device: torch.device) -> MicroBatch:
+    """A one-token stand-in for a process that has no micro-batch left while others still do: its loss
+    is multiplied by 0, but its forward and backward passes keep the processes' collectives in step."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    return MicroBatch(ids, torch.ones_like(ids), torch.tensor([[0, 1]], device=device),
+                      torch.zeros(1, 2, device=device), torch.zeros(1, device=device))
+
+
 def update_step(model, batches: list[MicroBatch], normalizer: float, cfg: TrainConfig,
-                optimizer: torch.optim.Optimizer, autocast=contextlib.nullcontext) -> dict[str, Any]:
+                optimizer: torch.optim.Optimizer, autocast=contextlib.nullcontext, dist: Dist = Dist()) -> dict[str, Any]:
     """One optimizer step on the sum of the micro-batches' losses (each divided by the batch's
-    `normalizer`), with gradient clipping. Returns the step's statistics."""
+    `normalizer`), with gradient clipping. Returns the step's statistics.
+
+    With several processes `model` is the DDP- or FSDP-wrapped policy, `batches` this process's share
+    and `normalizer` the whole batch's: the gradients are summed over the processes (not averaged),
+    so the update, and the statistics returned, are those of one process holding the whole batch."""
+    core = model.module if isinstance(model, DistributedDataParallel) else model
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # zeros, not None: AdamW then treats a step without trained sequences like any other
         if p.grad is None:
@@ -839,21 +928,30 @@ def update_step(model, batches: list[MicroBatch], normalizer: float, cfg: TrainC
         else:
             p.grad.zero_()
     hidden: list[torch.Tensor] = []
-    hook = model.norm.register_forward_hook(lambda module, args, out: hidden.append(out.detach()))
+    hook = core.norm.register_forward_hook(lambda module, args, out: hidden.append(out.detach()))
     sums = dict(loss=0.0, tokens=0, clip=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0, entropy_n=0,
-                gap=0.0)
+                gap=0.0, with_ref=int(bool(batches) and batches[0].ref_logp is not None))
+    # every process runs as many micro-batches as the busiest one (idle ones run stand-ins)
+    passes = len(batches) if dist.world == 1 else max(dist.gather([len(batches)]))
     try:
-        for mb in batches:
+        for i in range(passes):
+            idle = i >= len(batches)
+            mb = _idle_batch(core.lm_head.weight.device) if idle else batches[i]
             hidden.clear()
-            with autocast():
-                logp = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                         temperature=cfg.temperature)
-                old = mb.old_logp if mb.old_logp is not None else logp.detach()
-                loss, stats = grpo_loss(logp, old, mb.advantages, mb.completion_mask, ref_logp=mb.ref_logp,
-                                        normalizer=normalizer, **loss_settings(cfg))
-            loss.backward()
-            with torch.no_grad(), autocast():
-                entropy, count = _entropy(model, hidden[-1], mb, cfg)
+            with _accumulating(model, sync=i == passes - 1):
+                with autocast():
+                    logp = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask,
+                                             temperature=cfg.temperature)
+                    if not idle:
+                        old = mb.old_logp if mb.old_logp is not None else logp.detach()
+                        loss, stats = grpo_loss(logp, old, mb.advantages, mb.completion_mask, ref_logp=mb.ref_logp,
+                                                normalizer=normalizer, **loss_settings(cfg))
+                if idle:  # a stand-in: zero gradient, no statistics
+                    (logp.sum() * 0.0).backward()
+                    continue
+                with torch.no_grad(), autocast():  # before the backward pass, while FSDP still holds the head whole
+                    entropy, count = _entropy(core, hidden[-1], mb, cfg)
+                loss.backward()
             n = int(stats["tokens"])
             valid = mb.completion_mask.bool()
             sums["loss"] += float(loss.detach())
@@ -868,13 +966,16 @@ def update_step(model, batches: list[MicroBatch], normalizer: float, cfg: TrainC
     finally:
         hook.remove()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
+    sums = dist.sum(sums)
     n = sums["tokens"]
     return {"loss": sums["loss"], "grad_norm": float(grad_norm), "tokens_trained": n,
             "clip_fraction": sums["clip"] / n if n else None,
             "clip_low_fraction": sums["clip_low"] / n if n else None,
             "clip_high_fraction": sums["clip_high"] / n if n else None,
-            "kl": sums["kl"] / n if n and batches and batches[0].ref_logp is not None else None,
+            "kl": sums["kl"] / n if n and sums["with_ref"] else None,
             "entropy": sums["entropy"] / sums["entropy_n"] if sums["entropy_n"] else None,
             "logprob_gap": sums["gap"] / n if n and cfg.temperature == 1.0 else None}
 
@@ -1180,6 +1281,178 @@ def evaluate_policy(model, tokenizer, task, problems: list[Problem], cfg: TrainC
 
 
 # %% [markdown]
+# **Several processes, the model's side.** Section 5 split the sampling; the rest of the
+# machinery for a run over several processes (section 13 explains when and how to start one) is
+# here, so that the loop below can use it. With one process every function in this cell returns
+# its input or does nothing, so everything in this chapter runs exactly as before.
+#
+# * `init_distributed` joins the process group that `torchrun` describes in the environment: NCCL
+#   between GPUs, gloo between CPUs, each process on the GPU of its local rank.
+# * `wrap_policy` turns the model into what the update trains: PyTorch's `DistributedDataParallel`
+#   (a full replica per process, gradients all-reduced during the last micro-batch's backward
+#   pass), or with `--fsdp` the model sharded in place by FSDP2's `fully_shard` (each transformer
+#   block, then the rest: embeddings, final norm, head), so that each process stores only its
+#   $1/N$ of the weights, gradients and AdamW state. Both frameworks *average* gradients over the
+#   processes; ours must be *summed*, because each process's loss is already divided by the whole
+#   batch's normaliser (section 6), and its gradient is a share of the batch gradient, not an
+#   estimate of it.
+# * `full_weights` gives a sharded model its whole weights for a while. Under FSDP every forward
+#   pass gathers the shards of each block from all processes, so all processes must run the same
+#   number of forward passes; generation (whose length depends on the answers) and scoring cannot
+#   promise that. Inside `full_weights` the weights are gathered once and kept, and each process
+#   runs as many passes as it needs. `whole_model` goes one step further for what rank 0 does alone
+#   (evaluation, export): an ordinary copy of the model, gathered from the shards.
+# * `policy_state` and `load_policy_state` read and write checkpoints in the one-process format
+#   (full tensors, the optimizer state indexed by parameter), whatever the number of processes, so a
+#   run can be resumed by 1, 2 or 8 processes, with or without FSDP.
+
+# %%
+#| export: train
+DIST_TIMEOUT = datetime.timedelta(hours=2)  # the longest any process waits while rank 0 works alone (pre-pass, eval)
+
+
+def init_distributed(cfg: TrainConfig) -> tuple[Dist, str]:
+    """Join the process group `torchrun` describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT): NCCL between GPUs, gloo between CPUs. Returns this process's `Dist` and
+    the device it computes on (cuda:LOCAL_RANK on GPUs). Without torchrun: `Dist()` and `cfg.device`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ or (world == 1 and not cfg.fsdp):
+        if cfg.fsdp:
+            raise ConfigError("--fsdp shards the model over the processes that torchrun starts: launch with "
+                              "torchrun --nproc_per_node N -m rlscratch.train ... (N = 1 works too)")
+        return Dist(), cfg.device
+    device = cfg.device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
+
+
+def _sum_gradients(group, bucket):
+    """DDP communication hook: sum the processes' gradients (DDP's own hook averages them)."""
+    work = torch.distributed.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+class ReplicatedPolicy(DistributedDataParallel):
+    """DDP whose `lm_head` is the wrapped model's: `sequence_logprobs` applies the head in chunks outside
+    `forward`, and the gradients it produces are all-reduced with the rest."""
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.module.lm_head
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2, in place: each transformer block is one unit, the rest (embeddings, norm, head) the root;
+    gradients are summed over the processes (FSDP's default averages them)."""
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)  # a sum ...
+            unit.set_force_sum_reduction_for_comms(True)  # ... as a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def wrap_policy(model, cfg: TrainConfig, dist: Dist, device: str) -> torch.nn.Module:
+    """What the update trains: `model` itself on one process; with several, a DDP replica, or with
+    `cfg.fsdp` the model sharded in place; either way gradients are summed over the processes."""
+    if cfg.fsdp:
+        return shard_model(model)
+    if dist.world == 1:
+        return model
+    replica = ReplicatedPolicy(model, device_ids=[device] if device.startswith("cuda") else None)
+    replica.register_comm_hook(None, _sum_gradients)
+    return replica
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module):
+    """Inside: a sharded (FSDP) model's whole weights on every process, gathered once and kept between
+    forward passes, so that each process may run any number of them alone (sampling, scoring, evaluation,
+    export). Every process must enter it. A no-op for a model that is not sharded."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    inner = [m for m in units if m is not model]  # the root keeps its own setting (whole after forward)
+    for m in inner:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in units:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in units:
+            m.reshard()
+        for m in inner:
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+@contextlib.contextmanager
+def whole_model(model: torch.nn.Module, dist: Dist):
+    """Inside: on rank 0 an ordinary (unsharded) model with the policy's current weights, None on the
+    other processes; for what rank 0 does alone with the whole model (evaluation, export). Under FSDP a
+    temporary copy gathered from the shards (a collective: every process enters); otherwise the model."""
+    if not isinstance(model, FSDPModule):
+        yield model if dist.is_main else None
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_main:
+        yield None
+        return
+    with torch.device("meta"):
+        copy_ = Qwen2Model(model.config)
+    copy_.load_state_dict(state, assign=True)
+    if model.config.tie_word_embeddings:
+        copy_.lm_head.weight = copy_.embed_tokens.weight
+    copy_.to(model.lm_head.weight.device).eval()
+    pack_for_cpu(copy_)
+    yield copy_
+
+
+def policy_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) in the one-process format. Under FSDP the shards are gathered to
+    rank 0's CPU (a collective: every process calls it; the others get empty dictionaries)."""
+    if not isinstance(model, FSDPModule):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, by_name = get_state_dict(model, optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not by_name:
+        return model_state, {}
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return model_state, {"state": {index[k]: v for k, v in by_name["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                          for g in by_name["param_groups"]]}
+
+
+def load_policy_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: dict) -> None:
+    """Restore a checkpoint's optimizer state (one-process format). Under FSDP every process keeps its
+    own shard of each tensor (each process read the whole checkpoint: no communication)."""
+    if isinstance(model, FSDPModule):
+        from torch.distributed.tensor import distribute_tensor
+
+        params = list(model.parameters())
+
+        def shard(value, p):
+            if not torch.is_tensor(value) or value.dim() == 0:  # AdamW's step counter
+                return value
+            return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+
+        optimizer_state = {**optimizer_state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()}
+                                                        for i, s in optimizer_state["state"].items()}}
+    optimizer.load_state_dict(optimizer_state)
+
+
+# %% [markdown]
 # The loop itself, `train(cfg)`, puts sections 3 to 8 in order. Its structure, read from the top:
 #
 # 1. check the settings, refuse a folder holding another run's settings, load the questions and the
@@ -1209,35 +1482,55 @@ def _check_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
                                                ("metrics.jsonl", "evals.jsonl", "prepass.jsonl"))
     if path.exists() and started:
         saved = json.loads(path.read_text())
-        changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+        defaults = dataclasses.asdict(TrainConfig())  # a setting added after the run started had its default
+        changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != current[k]]
         if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed[:4])
+            details = ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {current[k]!r}" for k in changed[:4])
             raise ConfigError(f"{run_dir} holds a run with other settings ({details}); rerun with the same "
                               "settings to resume it, or choose another --output-dir")
     _write_json(path, current)
 
 
 def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
-    """Run (or resume) the GRPO run `cfg` describes, in `cfg.output_dir`. Returns a summary."""
+    """Run (or resume) the GRPO run `cfg` describes, in `cfg.output_dir`. Returns a summary. Under
+    torchrun every process calls it (and it joins their process group); rank 0 alone logs and writes."""
     validate(cfg)
+    had_group = torch.distributed.is_initialized()
+    dist, device = init_distributed(cfg)
+    try:
+        return _train(cfg, dist, device, log if dist.is_main else lambda line: None)
+    finally:
+        if not had_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir).expanduser()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_folder(run_dir, cfg)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _check_run_folder(run_dir, cfg)
+    dist.barrier()
     task = make_task(cfg)
     candidates, eval_set = task.problems(cfg)
     try:
-        model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=cfg.device)
+        model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=device)
     except (OSError, ValueError, ConnectionError) as err:
         raise ConfigError(f"cannot load model {cfg.model!r}: {err}") from None
     use_bf16 = autocast_dtype(cfg) == torch.bfloat16
-    device_type = torch.device(cfg.device).type
+    device_type = torch.device(device).type
     autocast = partial(torch.autocast, device_type, dtype=torch.bfloat16, enabled=use_bf16)
-    pack_for_cpu(model)  # faster CPU generation from the live float32 weights; no-op elsewhere
+    if not cfg.fsdp:
+        pack_for_cpu(model)  # faster CPU generation from the live float32 weights; no-op elsewhere
     model.gradient_checkpointing = cfg.gradient_checkpointing
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if dist.world > 1:
+        log(f"{dist.world} processes ({torch.distributed.get_backend()}, {'FSDP' if cfg.fsdp else 'DDP'}): each "
+            f"samples and trains about {cfg.prompts_per_step / dist.world:g} of the {cfg.prompts_per_step} questions "
+            "of a step")
 
-    if cfg.prepass_samples:
-        pre = prepass(model, tokenizer, task, candidates, cfg, run_dir, autocast, log)
+    if cfg.prepass_samples:  # rank 0 alone (the others wait), before any sharding
+        pre = dist.broadcast(prepass(model, tokenizer, task, candidates, cfg, run_dir, autocast, log)
+                             if dist.is_main else None)
         keep = set(pre["kept"])
         train_set = [p for p in candidates if p.id in keep]
         if not train_set:
@@ -1252,63 +1545,85 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     reference = None
     if cfg.beta > 0 or cfg.track_kl:
         reference = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg, total_steps * cfg.updates_per_batch)
 
     step, optimizer_step, cursor, epochs_done, last_eval = 0, 0, 0, 0, None
     checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1])
+    state = load_checkpoint(checkpoints[-1]) if checkpoints else None  # every process reads it
+    if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    policy = wrap_policy(model, cfg, dist, device)  # DDP, FSDP (the model itself, sharded), or the model
+    if reference is not None and cfg.fsdp:
+        shard_model(reference)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg, total_steps * cfg.updates_per_batch)
+    if state is not None:
+        load_policy_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         step, optimizer_step, cursor = state["step"], state["optimizer_step"], state["cursor"]
         epochs_done, last_eval = state["epochs_done"], state["last_eval"]
         log(f"resuming {run_dir} from step {step}")
-    _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r["optimizer_step"] <= optimizer_step)
-    _truncate_jsonl(run_dir / "evals.jsonl", lambda r: bool(checkpoints) and r["step"] <= step)
-    runlog = RunLog(run_dir, cfg, log)
+        del state
+    runlog = None
+    if dist.is_main:
+        _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r["optimizer_step"] <= optimizer_step)
+        _truncate_jsonl(run_dir / "evals.jsonl", lambda r: bool(checkpoints) and r["step"] <= step)
+        runlog = RunLog(run_dir, cfg, log)
 
     def run_eval(label: str) -> None:
         nonlocal last_eval
         if not eval_set:
             return
-        t0 = time.perf_counter()
-        summary = evaluate_policy(model, tokenizer, task, eval_set, cfg, run_dir, autocast)
-        row = {"label": label, "step": step, "optimizer_step": optimizer_step, "epoch": cursor / len(order),
-               **summary, "seconds": time.perf_counter() - t0}
-        with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        with whole_model(model, dist) as whole:
+            if whole is not None:  # rank 0
+                t0 = time.perf_counter()
+                summary = evaluate_policy(whole, tokenizer, task, eval_set, cfg, run_dir, autocast)
+                row = {"label": label, "step": step, "optimizer_step": optimizer_step, "epoch": cursor / len(order),
+                       **summary, "seconds": time.perf_counter() - t0}
+                with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                log(f"eval {label}: accuracy {summary['accuracy']:.1%} on {summary['n']} questions")
         last_eval = step
-        log(f"eval {label}: accuracy {summary['accuracy']:.1%} on {summary['n']} questions")
+
+    def export(folder: Path) -> None:
+        with whole_model(model, dist) as whole:
+            if whole is not None:  # rank 0
+                export_hf(whole, tokenizer, folder, dtype=getattr(torch, cfg.export_dtype))
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, {
-            "step": step, "optimizer_step": optimizer_step, "cursor": cursor, "epochs_done": epochs_done,
-            "last_eval": last_eval, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg)},
-            keep=cfg.keep_checkpoints)
+        model_state, optimizer_state = policy_state(model, optimizer)
+        if dist.is_main:
+            save_checkpoint(run_dir, {
+                "step": step, "optimizer_step": optimizer_step, "cursor": cursor, "epochs_done": epochs_done,
+                "last_eval": last_eval, "model": model_state, "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg)},
+                keep=cfg.keep_checkpoints)
+        dist.barrier()  # the checkpoint is complete before any process goes on
 
     if step == 0 and cfg.eval_at_start and last_eval is None:
         run_eval("start")
     while step < total_steps:
         step += 1
         t0 = time.perf_counter()
-        groups, sampled, cursor = collect_groups(model, tokenizer, task, order, cursor, cfg, step, autocast)
+        with full_weights(model):
+            groups, sampled, cursor = collect_groups(model, tokenizer, task, order, cursor, cfg, step, autocast, dist)
         t_gen = time.perf_counter() - t0
-        rollouts = make_rollouts(groups, task, cfg)
+        rollouts = make_rollouts(groups, task, cfg)  # the whole batch, on every process
         trained = trained_rollouts(rollouts, cfg)
         normalizer = batch_normalizer(rollouts, cfg)
-        batches = micro_batches(trained, cfg, pad_id, cfg.device)
+        ranks = [g.rank for g in groups for _ in g.completions]
+        mine = trained_rollouts([r for r, rank in zip(rollouts, ranks) if rank == dist.rank], cfg)
+        batches = micro_batches(mine, cfg, pad_id, device)  # this process's share of the update
         t0 = time.perf_counter()
         if reference is not None:
-            for mb, ref in zip(batches, score(reference, batches, cfg, autocast)):
-                mb.ref_logp = ref
+            with full_weights(reference):
+                for mb, ref in zip(batches, score(reference, batches, cfg, autocast)):
+                    mb.ref_logp = ref
         if cfg.updates_per_batch > 1:
-            for mb, old in zip(batches, score(model, batches, cfg, autocast)):
-                mb.old_logp = old
+            with full_weights(model):
+                for mb, old in zip(batches, score(model, batches, cfg, autocast)):
+                    mb.old_logp = old
         t_ref = time.perf_counter() - t0
         answers = [c for g in sampled for c in g.completions]
         rewards = torch.tensor([r for g in sampled for r in g.rewards])
@@ -1326,14 +1641,15 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
         for update in range(cfg.updates_per_batch):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            stats = update_step(model, batches, normalizer, cfg, optimizer, autocast)
+            stats = update_step(policy, batches, normalizer, cfg, optimizer, autocast, dist)
             scheduler.step()
             optimizer_step += 1
-            runlog.write({**common, "optimizer_step": optimizer_step, "update": update, "lr": lr, **stats,
-                          "time_generation": t_gen if update == 0 else 0.0,
-                          "time_reference": t_ref if update == 0 else 0.0,
-                          "time_policy": time.perf_counter() - t0,
-                          "generated_tokens_per_s": sum(lengths) / t_gen if update == 0 and t_gen > 0 else None})
+            if runlog is not None:
+                runlog.write({**common, "optimizer_step": optimizer_step, "update": update, "lr": lr, **stats,
+                              "time_generation": t_gen if update == 0 else 0.0,
+                              "time_reference": t_ref if update == 0 else 0.0,
+                              "time_policy": time.perf_counter() - t0,
+                              "generated_tokens_per_s": sum(lengths) / t_gen if update == 0 and t_gen > 0 else None})
         log(f"step {step}/{total_steps}: reward {common['reward_mean']:.3f} zero-signal "
             f"{common['zero_signal_fraction']:.0%} length {common['response_length']:.0f} loss {stats['loss']:+.4f} "
             f"grad {stats['grad_norm']:.3f} lr {lr:.2e} | gen {t_gen:.1f}s ref {t_ref:.1f}s "
@@ -1344,15 +1660,17 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
         if epoch_end or step == total_steps:
             run_eval(f"epoch-{epochs_done}" if epoch_end else "final")
             if step < total_steps:
-                export_hf(model, tokenizer, run_dir / f"epoch-{epochs_done}", dtype=getattr(torch, cfg.export_dtype))
+                export(run_dir / f"epoch-{epochs_done}")
         if step % cfg.save_every == 0 or epoch_end or step == total_steps:
             checkpoint()
         if os.environ.get("RLSCRATCH_TRAIN_KILL_AFTER_STEP") == str(step):  # testing hook, see the module docstring
             os.kill(os.getpid(), signal.SIGKILL)
     final = run_dir / "final"
-    if not final.exists():
-        export_hf(model, tokenizer, final, dtype=getattr(torch, cfg.export_dtype))
-    runlog.close()
+    if not dist.broadcast(final.exists()):
+        export(final)
+    if runlog is not None:
+        runlog.close()
+    dist.barrier()
     return {"run_dir": str(run_dir), "steps": step, "optimizer_steps": optimizer_step, "final": str(final),
             "evals": _read_jsonl(run_dir / "evals.jsonl")}
 
@@ -1388,9 +1706,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m rlscratch.train",
         description="Train a language model with GRPO on verifiable rewards (chapter 6 of rlscratch). Rerun the "
                     "same command to resume from the last checkpoint. Unset flags take the task's defaults, then "
-                    "the preset's loss settings, then TrainConfig's defaults.",
+                    "the preset's loss settings, then TrainConfig's defaults. Several processes (data parallel): "
+                    "start the same command with torchrun, e.g. 'torchrun --nproc_per_node 8 -m rlscratch.train "
+                    "--device cuda ...' (8 GPUs of one machine) or, on each of 2 machines, 'torchrun --nnodes 2 "
+                    "--node_rank K --nproc_per_node 8 --master_addr HOST0 --master_port 29500 -m rlscratch.train "
+                    "...'. Each step's --prompts-per-step questions are then split over the processes (every "
+                    "group of --group-size answers on one process; the samples do not depend on the number of "
+                    "processes), gradients are summed over them (DDP, or FSDP with --fsdp) and the update equals "
+                    "one process's with the same global batch; rank 0 alone logs, evaluates and writes the run "
+                    "folder, which must be visible to every process (a shared file system across machines). "
+                    "NCCL on GPUs, gloo on CPUs.",
         epilog=f"presets -- {presets}. task defaults -- {tasks}. Quick check: python -m rlscratch.train "
-               "--model tiny-random --task toy --steps 20 --output-dir /tmp/toy")
+               "--model tiny-random --task toy --steps 20 --output-dir /tmp/toy; the same on two CPU processes: "
+               "torchrun --nproc_per_node 2 -m rlscratch.train --model tiny-random --task toy --steps 20 "
+               "--output-dir /tmp/toy2")
     B = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
 
@@ -1447,12 +1776,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adam-beta2", "AdamW beta2 (default: 0.99)", type=float)
     add("--grad-clip", "maximum global gradient norm (default: 1.0)", type=float)
     add("--updates-per-batch", "optimizer steps per batch of rollouts (default: 1)", type=int)
-    add("--micro-batch-size", "sequences per forward/backward pass; gradients accumulate to the same update",
+    add("--micro-batch-size", "sequences per forward/backward pass (per process); gradients accumulate to the "
+        "same update",
         type=int)
     add("--gradient-checkpointing", "recompute each block in the backward pass to save memory", action=B)
     add("--entropy-stride", "measure the policy's entropy at every k-th answer token", type=int)
     add("--dtype", "compute dtype: auto (bfloat16 where native), bfloat16 or float32; weights stay float32")
-    add("--device", "cpu or cuda (default: cpu)")
+    add("--device", "cpu or cuda (default: cpu); under torchrun each process takes the GPU of its LOCAL_RANK")
+    add("--fsdp", "under torchrun, shard the weights, gradients and AdamW state over the processes (FSDP2 "
+        "fully_shard) instead of a full replica on each (DDP); for models whose training state does not fit one "
+        "device. Checkpoints stay in the one-process format (default: no)", action=B)
     add("--export-dtype", "dtype of the exported Hugging Face folders: float32 or bfloat16 (default: float32)")
     add("--wandb-mode", "Weights & Biases: offline, online or disabled (default: $WANDB_MODE, else offline)")
     add("--wandb-project", "Weights & Biases project (default: rlscratch)")
@@ -1479,7 +1812,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
-    print(f"done: {summary['steps']} steps in {summary['run_dir']}; model in {summary['final']}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(f"done: {summary['steps']} steps in {summary['run_dir']}; model in {summary['final']}")
     return 0
 
 
