@@ -414,13 +414,25 @@ def _cli(out_dir, *extra, kill_after=None):
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
 
 
+# what a run folder held before the distributed settings existed (rlscratch before torchrun support): the
+# checkpoint's keys, and config.json without the settings added since (their defaults apply on resume)
+CHECKPOINT_KEYS_V1 = {"step", "optimizer_step", "cursor", "epochs_done", "last_eval", "model", "optimizer",
+                      "scheduler", "rng", "config"}
+SETTINGS_ADDED_SINCE_V1 = ("fsdp",)
+
+
 @pytest.fixture(scope="module")
 def toy_runs(tmp_path_factory):
-    """The same toy command run straight through, and run with a SIGKILL after step 6 and then rerun."""
+    """The same toy command run straight through, and run with a SIGKILL after step 6 and then rerun. Before
+    the rerun, the killed run's config.json is rewritten as an older rlscratch wrote it, without the
+    settings added since: the rerun must still accept and resume it."""
     root = tmp_path_factory.mktemp("toy-runs")
     straight = _cli(root / "straight")
     killed = _cli(root / "killed", kill_after=6)
     state_after_kill = T.read_run(root / "killed")
+    config_path = root / "killed" / "config.json"
+    old_config = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in SETTINGS_ADDED_SINCE_V1}
+    config_path.write_text(json.dumps(old_config, indent=1))
     resumed = _cli(root / "killed")
     yield root, straight, killed, state_after_kill, resumed
     shutil.rmtree(root, ignore_errors=True)  # checkpoints with optimizer state: about 1 GB
@@ -471,6 +483,27 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(toy_runs):
     run_a, run_b = T.read_run(root / "straight"), T.read_run(root / "killed")
     assert strip(run_a["metrics"]) == strip(run_b["metrics"])
     assert strip(run_a["evals"]) == strip(run_b["evals"])
+
+
+def test_run_folders_of_older_versions_resume(toy_runs):
+    """The killed run's folder had an old-style config.json (fixture) and a checkpoint of the old format;
+    the rerun resumed it (previous test) and recorded the new settings' defaults."""
+    root, *_ = toy_runs
+    state = T.load_checkpoint(T.list_checkpoints(root / "killed")[-1])
+    assert set(state) == CHECKPOINT_KEYS_V1  # the format did not change
+    assert {k: json.loads((root / "killed" / "config.json").read_text())[k] for k in SETTINGS_ADDED_SINCE_V1} == {
+        k: getattr(T.TrainConfig(), k) for k in SETTINGS_ADDED_SINCE_V1}
+    # a setting missing from an older config.json compares as its default (here one that is not resumable)
+    cfg = T.config_from_args(T.build_parser().parse_args(["--task", "toy", "--output-dir", str(root / "x")]))
+    folder = root / "old-folder"
+    folder.mkdir()
+    saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "track_kl"}
+    (folder / "config.json").write_text(json.dumps(saved))
+    (folder / "metrics.jsonl").write_text("")
+    T._check_run_folder(folder, cfg)  # track_kl=False is the default: accepted
+    (folder / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(T.ConfigError, match="track_kl: False -> True"):
+        T._check_run_folder(folder, dataclasses.replace(cfg, track_kl=True))
 
 
 def test_updates_per_batch_reuse_rollouts_with_old_logprobs(tmp_path):
