@@ -49,7 +49,8 @@
 # 4. the pre-pass that picks questions the model sometimes solves;
 # 5. one step's rollouts; 6. the update, with gradient accumulation;
 # 7. checkpoints; 8. the exported model folder; 9. metrics, evaluation and the loop; 10. the command line;
-# 11. a complete toy run, interrupted and resumed; 12. the real run, read from its records.
+# 11. a complete toy run, interrupted and resumed; 12. the real run, read from its records;
+# 13. scaling out: the same loop on several processes (GPUs, machines) with `torchrun`.
 
 # %% [markdown]
 # ## 0. Parameters
@@ -73,6 +74,7 @@ from rlscratch.model import cache_dir
 
 SMOKE = os.environ.get("RLSCRATCH_SMOKE") == "1"  # the test suite's mode: the same toy run, tiny data
 TOY_STEPS = 12 if SMOKE else 20  # optimizer steps of the toy run in section 11
+SCALE_STEPS = 4 if SMOKE else 8  # steps of the 1- versus 2-process comparison in section 13
 RUN_DIR = Path(os.environ.get("RLSCRATCH_GRPO_RUN", cache_dir() / "runs" / "grpo-gsm8k"))  # the real run's folder
 WORK = Path(tempfile.mkdtemp(prefix="rlscratch-ch06-"))  # this notebook's own scratch runs
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
@@ -806,7 +808,9 @@ print("same answers with another generation batch size:", True)
 #   gradients, needs more memory than a laptop has to spare. It is split into micro-batches whose gradients add up before one optimizer
 #   step. Each micro-batch's loss is divided by the **whole batch's** normaliser (chapter 5, section
 #   5.2), so the sum of the micro-batch losses *is* the batch loss, and $k$ micro-batches give the
-#   same update as one large batch, up to float rounding.
+#   same update as one large batch, up to float rounding. The same argument carries the batch
+#   across processes (section 13): each process accumulates the gradient of its share, every share
+#   divided by the whole batch's normaliser, and the shares' gradients are summed.
 #
 # Weights stay in float32 (the "master" copy the optimizer updates: a bf16 weight cannot absorb an
 # update smaller than its rounding step, about 0.4% of its size, and most updates are smaller);
@@ -2053,6 +2057,158 @@ else:
 # parameters with AdamW needs about 1.5 × 10⁹ × 16 bytes ≈ 24 GB for weights, gradients and optimizer
 # state, plus the frozen reference (6 GB) and activations, which fits a 40-80 GB card. These are
 # the settings one GPU would use; this book's recorded numbers come from the CPU.
+
+# %% [markdown]
+# ## 13. Scaling out: several GPUs, several machines
+#
+# On one GPU the loop above is limited by generation: a step samples $P \times G$ answers one
+# token at a time, and the update waits for them. The standard way to go faster is **data
+# parallelism**: $N$ processes, one per GPU, each holding the model, each sampling and training on
+# $1/N$ of the step's questions, with the gradients combined before every optimizer step. PyTorch
+# starts the processes with `torchrun`, which tells each its rank; the loop needs no other launcher.
+# What changes, all built in sections 5, 6 and 9:
+#
+# * the $P$ questions of a step are split into $N$ contiguous shares; every group of $G$ answers is
+#   sampled by one process, with the seed derived from (run seed, step, position, question), so
+#   the answers are the ones a single process would have drawn;
+# * every process then receives every group: rewards, advantages, the batch normaliser and the
+#   logged statistics are those of the whole batch (DAPO's refill decisions too);
+# * each process trains on the answers of its own groups; gradients are **summed** over processes
+#   (DDP's all-reduce, or FSDP's reduce-scatter), and processes that run out of micro-batches run
+#   zero-weight stand-ins, so that all take part in every exchange;
+# * rank 0 alone runs the pre-pass and the evaluations, and writes `metrics.jsonl`, wandb,
+#   checkpoints and exports; every process reads the checkpoint when the run resumes, so the run
+#   folder must be visible to all of them (on several machines, a shared file system).
+#
+# The result: with the same `--prompts-per-step` and seed, $N$ processes compute the run one
+# process computes, up to the order in which floats are added. Checkpoints hold full tensors in
+# the one-process format, so a run may be resumed by another number of processes, or switch
+# between DDP and FSDP.
+#
+# **Commands.** One GPU, then 8 GPUs of one machine, then 2 machines of 8 GPUs (the same command
+# on each, `K` = 0 on the first and 1 on the second; `HOST0` is the first machine's address). Keep
+# `--prompts-per-step` a multiple of the number of processes, or some of them idle during sampling:
+#
+# ```bash
+# python -m rlscratch.train --device cuda --model Qwen/Qwen2.5-1.5B-Instruct --task gsm8k \
+#     --prompts-per-step 16 --group-size 8 --max-new-tokens 512 --generation-batch-size 128 \
+#     --micro-batch-size 16 --eval-problems 1319 --output-dir runs/gsm8k-1.5b
+# torchrun --nproc_per_node 8 -m rlscratch.train --device cuda --model Qwen/Qwen2.5-1.5B-Instruct \
+#     --task gsm8k --prompts-per-step 64 ... --output-dir /shared/runs/gsm8k-1.5b
+# torchrun --nnodes 2 --node_rank K --nproc_per_node 8 --master_addr HOST0 --master_port 29500 \
+#     -m rlscratch.train --device cuda ... --prompts-per-step 128 --output-dir /shared/runs/gsm8k-1.5b
+# ```
+#
+# Rerunning the same command resumes the run. The processes talk over NCCL between GPUs and gloo
+# between CPUs (chosen from `--device`); `torchrun --nproc_per_node 2 -m rlscratch.train --model
+# tiny-random --task toy ...` runs the toy task on two CPU processes, as below.
+#
+# **Memory.** With DDP (the default under `torchrun`) every process holds what one process holds:
+# float32 weights (4 bytes per parameter), their gradients (4), AdamW's two averages (8) and, with a
+# KL term, the float32 reference (4): about 20 bytes per parameter, 10 GB for 0.5B parameters,
+# 30 GB for 1.5B, 140 GB for 7B, plus activations and the generation cache. `--fsdp` shards all of
+# these (FSDP2's `fully_shard`, one unit per transformer block): $20/N$ bytes per parameter stay on
+# each process. Three things are still whole, one at a time: each process loads the model
+# whole before sharding it; sampling and scoring gather the whole float32 policy, or reference, for
+# their duration (4 bytes per parameter, because the number of forward passes differs between
+# processes and FSDP needs them equal); and rank 0 evaluates and exports from a gathered copy.
+# Checkpoints are written whole by rank 0 and read whole by every process into CPU memory. So FSDP
+# here fits models whose *training state* is too big for one GPU but whose weights are not (7B on
+# 8 × 80 GB GPUs: about 18 GB of shards plus 28 GB of gathered weights per GPU); it does not shard
+# generation.
+#
+# **Speed.** Generation and the update each take about $1/N$ of one process's time (each process
+# samples $P/N$ questions and trains on their answers), plus one exchange of gradients per optimizer
+# step: a ring all-reduce moves about $2 \times 4$ bytes per parameter in and out of every GPU, some
+# 4 GB for 0.5B parameters, milliseconds over NVLink but a noticeable part of a step between
+# machines. A step lasts as long as its slowest process (the one with the longest answers). Not sped
+# up: the pre-pass and the evaluations, which rank 0 runs alone while the others wait. FSDP adds an
+# all-gather of each block's weights for every forward and backward pass, so it is slower than DDP
+# where DDP fits. None of this has been measured on GPUs for this book (there was none to measure
+# on); the tests run two CPU processes with gloo: DDP and FSDP against one process, and a run killed
+# under `torchrun` and resumed.
+#
+# **Check: one process against two.** The toy run of section 11 (grpo preset, micro-batches of 4,
+# `SCALE_STEPS` steps) on one process, on two with DDP, and on two with FSDP, each launched as a
+# terminal command. The rewards must be identical at every step, because the answers are; the
+# weights agree to rounding, except for one kind of weight explained below.
+
+# %%
+import socket
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+import rlscratch
+
+
+def toy_command(folder: str, processes: int, *extra: str) -> list[str]:
+    """The toy run as a command: a plain process, or `processes` processes under torchrun on a free port."""
+    launcher = [sys.executable]
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+                     "--master_port", str(port)]
+    return [*launcher, "-m", "rlscratch.train", "--model", "tiny-random", "--task", "toy", "--preset", "grpo",
+            "--steps", str(SCALE_STEPS), "--seed", "4", "--lr", "0.005", "--dtype", "float32", "--micro-batch-size", "4",
+            "--eval-problems", "4", "--wandb-mode", "disabled", "--output-dir", str(WORK / folder), *extra]
+
+
+env = {**os.environ, "OMP_NUM_THREADS": "1",  # one thread per process; the same rlscratch as this notebook
+       "PYTHONPATH": os.pathsep.join([str(Path(rlscratch.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+scaled = {}
+for name, folder, processes, extra in (("1 process", "scale-1", 1, ()), ("2 processes, DDP", "scale-2", 2, ()),
+                                       ("2 processes, FSDP", "scale-2-fsdp", 2, ("--fsdp",))):
+    done = subprocess.run(toy_command(folder, processes, *extra), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_run(WORK / folder)["metrics"]
+    step_time = sorted(r["time_generation"] + r["time_reference"] + r["time_policy"] for r in rows)[len(rows) // 2]
+    scaled[name] = dict(rows=rows, weights=load_file(str(WORK / folder / "final" / "model.safetensors")),
+                        step_time=step_time)
+    print(f"{name:18}: rewards {[r['reward_mean'] for r in rows]}; median step {step_time:.2f} s")
+
+# %% [markdown]
+# The weights. The **key-projection biases** are the one exception to agreement: a bias added to
+# every key raises all of a query's attention scores by the same amount, which the softmax ignores,
+# so their true gradient is exactly 0 and the computed one is rounding noise. AdamW divides each
+# gradient entry by its own running size (plus $\epsilon = 10^{-8}$), so it turns that noise into
+# steps of up to the learning rate, and a different order of summation gives different noise. These
+# biases cannot change any output, which the logits of the exported models confirm.
+
+# %%
+one = scaled["1 process"]
+start = hf_state_dict(tiny)  # the starting weights, as the exported folders name them
+moved = max((one["weights"][k] - start[k]).abs().max().item() for k in start)
+prompts = torch.tensor([tiny_tok.encode(f"Name {topic} in one word.") for topic in ("a fruit", "a city")])
+
+
+def final_logits(folder: str) -> torch.Tensor:
+    with torch.no_grad():
+        return load_model(WORK / folder / "final", dtype=torch.float32)[0](prompts)
+
+
+for name, folder in (("2 processes, DDP", "scale-2"), ("2 processes, FSDP", "scale-2-fsdp")):
+    other = scaled[name]
+    assert [r["reward_mean"] for r in other["rows"]] == [r["reward_mean"] for r in one["rows"]]
+    diffs = {k: (one["weights"][k] - other["weights"][k]).abs().max().item() for k in start}
+    rest = max(v for k, v in diffs.items() if "k_proj.bias" not in k)
+    biases = max(v for k, v in diffs.items() if "k_proj.bias" in k)
+    logits = (final_logits("scale-1") - final_logits(folder)).abs().max().item()
+    print(f"{name}: identical rewards; max |weight difference| {rest:.1e} (key biases {biases:.1e}); "
+          f"max |logit difference| {logits:.1e}; the training moved weights by up to {moved:.1e}")
+    assert rest < 1e-5 and logits < 1e-4
+times = {name: r["step_time"] for name, r in scaled.items()}
+print("median seconds per step:", {k: round(v, 2) for k, v in times.items()})
+
+# %% [markdown]
+# On this machine the two processes share two CPU cores (with whatever else runs there), and each
+# step of the toy task is milliseconds of arithmetic under seconds of fixed costs, so the step times
+# above say nothing about speed: they show what the processes cost in exchanges and stand-ins, not
+# what $N$ GPUs gain. The claim this check supports is the other one: the same samples, the same
+# rewards and the same update, whatever the number of processes.
 
 # %%
 import shutil
