@@ -855,7 +855,7 @@ def wrap_policy(model, cfg: TrainConfig, dist: Dist, device: str) -> torch.nn.Mo
         return shard_model(model)
     if dist.world == 1:
         return model
-    replica = ReplicatedPolicy(model, device_ids=[device] if device.startswith("cuda") else None)
+    replica = ReplicatedPolicy(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None)
     replica.register_comm_hook(None, _sum_gradients)
     return replica
 

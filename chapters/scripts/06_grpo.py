@@ -1369,7 +1369,7 @@ def wrap_policy(model, cfg: TrainConfig, dist: Dist, device: str) -> torch.nn.Mo
         return shard_model(model)
     if dist.world == 1:
         return model
-    replica = ReplicatedPolicy(model, device_ids=[device] if device.startswith("cuda") else None)
+    replica = ReplicatedPolicy(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None)
     replica.register_comm_hook(None, _sum_gradients)
     return replica
 
@@ -2056,7 +2056,8 @@ else:
 # and evaluation on all 1,319 test questions (`--eval-problems 1319`). Full fine-tuning of 1.5B
 # parameters with AdamW needs about 1.5 × 10⁹ × 16 bytes ≈ 24 GB for weights, gradients and optimizer
 # state, plus the frozen reference (6 GB) and activations, which fits a 40-80 GB card. These are
-# the settings one GPU would use; this book's recorded numbers come from the CPU.
+# the settings one GPU would use; this book's recorded numbers come from the CPU. For several GPUs
+# or machines, see section 13.
 
 # %% [markdown]
 # ## 13. Scaling out: several GPUs, several machines
