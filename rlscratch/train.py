@@ -863,8 +863,8 @@ def wrap_policy(model, cfg: TrainConfig, dist: Dist, device: str) -> torch.nn.Mo
 @contextlib.contextmanager
 def full_weights(model: torch.nn.Module):
     """Inside: a sharded (FSDP) model's whole weights on every process, gathered once and kept between
-    forward passes, so that each process may run any number of them alone (sampling, scoring, evaluation,
-    export). Every process must enter it. A no-op for a model that is not sharded."""
+    forward passes, so that each process may run any number of them alone (sampling, scoring). Every
+    process must enter it. A no-op for a model that is not sharded."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not units:
         yield model
@@ -979,10 +979,16 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir).expanduser()
+    refused = None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _check_run_folder(run_dir, cfg)
-    dist.barrier()
+        try:
+            _check_run_folder(run_dir, cfg)
+        except ConfigError as err:
+            refused = str(err)
+    refused = dist.broadcast(refused)  # every process stops with rank 0's verdict
+    if refused:
+        raise ConfigError(refused)
     task = make_task(cfg)
     candidates, eval_set = task.problems(cfg)
     try:
@@ -1269,7 +1275,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         summary = train(cfg)
     except ConfigError as err:
-        print(f"python -m rlscratch.train: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops, rank 0 says why
+            print(f"python -m rlscratch.train: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)

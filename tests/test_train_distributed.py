@@ -2,6 +2,7 @@
 same run as one with the same global batch (DDP and FSDP2), a torchrun run killed with SIGKILL resumes
 exactly, and the helpers behave. Tiny random model, one thread per process."""
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -47,13 +48,21 @@ def _run(out_dir, *extra, procs=1, kill_after=None):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The toy run on 1 process, on 2 (DDP), on 2 with --fsdp, and on 2 killed after step 6 then rerun."""
+    """The toy run on 1 process, on 2 (DDP), on 2 with --fsdp, and on 2 killed after step 6 then rerun; and
+    the 1-process run's step-4 checkpoint resumed by 2 processes with --fsdp."""
     root = tmp_path_factory.mktemp("dist-runs")
     out = {"one": _run(root / "one"), "two": _run(root / "two", procs=2),
            "fsdp": _run(root / "fsdp", "--fsdp", procs=2),
            "killed": _run(root / "killed", procs=2, kill_after=6)}
     out["after_kill"] = T.read_run(root / "killed")
     out["resumed"] = _run(root / "killed", procs=2)
+    shutil.copytree(root / "one", root / "switched")
+    for later in ("checkpoints/step-000008", "final"):
+        shutil.rmtree(root / "switched" / later)
+    config = json.loads((root / "switched" / "config.json").read_text())
+    (root / "switched" / "config.json").write_text(json.dumps({**config, "output_dir": str(root / "switched")}))
+    out["refused"] = _run(root / "switched", "--lr", "0.001", procs=2)  # another run's settings
+    out["switched"] = _run(root / "switched", "--fsdp", procs=2)
     yield root, out
     shutil.rmtree(root, ignore_errors=True)  # checkpoints with optimizer state: about 1 GB
 
@@ -149,6 +158,27 @@ def test_killed_torchrun_run_resumes_to_the_same_weights_and_metrics(runs):
     run_a, run_b = T.read_run(root / "two"), T.read_run(root / "killed")
     assert _strip(run_a["metrics"]) == _strip(run_b["metrics"])
     assert _strip(run_a["evals"]) == _strip(run_b["evals"])
+
+
+def test_one_process_checkpoint_resumes_under_fsdp(runs):
+    """A checkpoint written by one process, resumed by two sharding the model: the rest of the run is the
+    one-process run's (FSDP's optimizer state is cut from the full tensors of the checkpoint)."""
+    root, out = runs
+    assert out["switched"].returncode == 0, out["switched"].stderr[-3000:]
+    assert "from step 4" in out["switched"].stdout and "FSDP" in out["switched"].stdout
+    one, switched = T.read_run(root / "one"), T.read_run(root / "switched")
+    assert [m["reward_mean"] for m in switched["metrics"]] == [m["reward_mean"] for m in one["metrics"]]
+    assert [m["loss"] for m in switched["metrics"]] == pytest.approx([m["loss"] for m in one["metrics"]], rel=1e-5,
+                                                                    abs=1e-6)
+    a, b = _weights(root / "one"), _weights(root / "switched")
+    assert max((a[k] - b[k]).abs().max().item() for k in a if "k_proj.bias" not in k) < 1e-5
+
+
+def test_a_refused_folder_stops_every_process_with_one_message(runs):
+    _, out = runs
+    refused = out["refused"]
+    assert refused.returncode != 0 and refused.stderr.count("python -m rlscratch.train: error:") == 1
+    assert "other settings (lr: 0.005 -> 0.001)" in refused.stderr
 
 
 def test_dapo_refills_are_decided_on_the_whole_batch(tmp_path):
