@@ -173,3 +173,29 @@ def summarize(records: list[dict]) -> dict:
         "problems_per_min": 60 * n / seconds if seconds else None,
         "tokens_per_s": sum(tokens) / seconds if seconds else None,
     }
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar test: a sign test on the discordant pairs of a paired comparison.
+
+    `wins`: problems only the first run solved; `losses`: problems only the second solved. Returns the
+    probability, if each discordant problem were a fair coin, of a split at least as uneven (1.0 when
+    there is nothing to compare). Exact: binomial coefficients, no normal approximation."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"counts must be >= 0, got {wins} and {losses}")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def compare_paired(first: list[bool], second: list[bool]) -> dict:
+    """Paired comparison of two runs on the same problems (True = solved): "wins" (only `first` solved),
+    "losses" (only `second`), "both", "neither", and the exact McNemar p-value of wins against losses."""
+    if len(first) != len(second):
+        raise ValueError(f"paired runs need the same problems: {len(first)} vs {len(second)} results")
+    pairs = [(bool(a), bool(b)) for a, b in zip(first, second)]
+    wins, losses = pairs.count((True, False)), pairs.count((False, True))
+    return {"n": len(pairs), "wins": wins, "losses": losses, "both": pairs.count((True, True)),
+            "neither": pairs.count((False, False)), "p_value": mcnemar_exact(wins, losses)}

@@ -169,3 +169,33 @@ def test_summary_and_interval():
     s = E.summarize(records)
     assert s["n"] == 10 and s["accuracy"] == 0.5 and s["by_level"][1]["accuracy"] == 1.0
     assert s["by_level"][2]["accuracy"] == 0.0 and s["mean_tokens"] == 10 and s["problems_per_min"] == 60
+
+
+@pytest.mark.parametrize("wins,losses,p", [
+    (0, 0, 1.0), (1, 0, 1.0), (3, 3, 1.0),
+    (5, 0, 2 / 2 ** 5), (0, 5, 2 / 2 ** 5), (6, 0, 2 / 2 ** 6),
+    (9, 4, 2 * (1 + 13 + 78 + 286 + 715) / 2 ** 13),  # C(13, 0..4)
+    (10, 3, 2 * (1 + 13 + 78 + 286) / 2 ** 13), (2, 11, 2 * (1 + 13 + 78) / 2 ** 13),
+    (4, 1, 2 * (1 + 5) / 2 ** 5),
+])
+def test_mcnemar_exact_matches_hand_computed_values(wins, losses, p):
+    assert E.mcnemar_exact(wins, losses) == pytest.approx(p, rel=1e-12)
+
+
+def test_mcnemar_exact_is_exact_far_in_the_tail():
+    # 60 wins, 0 losses: 2 / 2^60, which a normal approximation would not give
+    assert E.mcnemar_exact(60, 0) == 2 / 2 ** 60
+    assert E.mcnemar_exact(500, 480) == pytest.approx(E.mcnemar_exact(480, 500), rel=1e-12)
+    with pytest.raises(ValueError):
+        E.mcnemar_exact(-1, 3)
+
+
+def test_compare_paired_counts_discordant_problems():
+    first = [True, True, False, False, True, True]
+    second = [True, False, True, False, False, False]
+    result = E.compare_paired(first, second)
+    assert (result["n"], result["wins"], result["losses"], result["both"], result["neither"]) == (6, 3, 1, 1, 1)
+    assert result["p_value"] == E.mcnemar_exact(3, 1) == 2 * (1 + 4) / 2 ** 4
+    assert E.compare_paired(second, first)["wins"] == 1  # swapping the runs swaps wins and losses
+    with pytest.raises(ValueError):
+        E.compare_paired([True], [True, False])

@@ -37,7 +37,8 @@
 #
 # Cells that start with `#| export: <module>` are the finished product: `python tools/export.py`
 # copies them into `rlscratch/<module>.py`, which later chapters import. Every other cell is a
-# check or an experiment.
+# check, an experiment, or a stepping stone (a simpler version of a function, run and checked
+# before the finished one is written).
 #
 # **About the model and the numbers.** The stored outputs of this notebook come from a real run of
 # **Qwen2.5-Coder-0.5B-Instruct** (a 4/5/6/8-bit GGUF export, dequantized to bfloat16) on a
