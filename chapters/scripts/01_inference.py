@@ -1174,7 +1174,8 @@ for r in rows:
 # A decode step of one sequence reads all the weights from memory to do very little arithmetic
 # (a matrix-*vector* product per layer). The CPU spends its time waiting for memory. Decoding 16
 # sequences at once reads the same weights once and does 16× the arithmetic: close to 16× the
-# throughput, until arithmetic becomes the limit (section 5 measures both).
+# throughput, until arithmetic becomes the limit (the benchmark at the end of section 5 shows how
+# close batches of 8 to 32 come).
 #
 # We grow the batched engine in three steps, each checked before the next: left padding, a
 # batched decode loop, and stopping each row on its own. Section 4 adds sampling and assembles

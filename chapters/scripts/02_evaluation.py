@@ -2689,6 +2689,25 @@ rules = collections.Counter(rule for r in gsm8k_run + math_run for rule in r["ru
 print("extraction rules used:", dict(rules))
 
 # %% [markdown]
+# Printed, a MATH response is hard to read: it is LaTeX. Rendered, it reads like the solution it
+# tries to be (the first MATH response, whole; its gold answer is printed above it):
+
+# %%
+from IPython.display import Markdown, display
+
+
+def as_markdown(text: str) -> str:
+    """The model's LaTeX delimiters \\( \\) and \\[ \\] as the $ and $$ that notebook Markdown renders."""
+    for old, new in (("\\[", "$$"), ("\\]", "$$"), ("\\(", "$"), ("\\)", "$")):
+        text = text.replace(old, new)
+    return text
+
+
+shown = math_run[0]
+print(f"gold {shown['gold']!r}; extracted {shown['extracted'][0]!r} by rule {shown['rules'][0]}; correct: {shown['correct'][0]}")
+display(Markdown(as_markdown(shown["responses"][0])))
+
+# %% [markdown]
 # ### Checking the grader on real responses
 #
 # The hand-built cases above test what we thought of. Real responses test what we did not. We grade
