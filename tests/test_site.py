@@ -2,8 +2,9 @@
 
 `bash tools/site.sh` builds the site into a temporary folder; the pages are served on localhost and
 opened in headless Chromium (Debian's `chromium`, driven by Playwright), as a reader would open them.
-Outside CI, a missing jupyter-book, Playwright or Chromium skips these tests; in CI (`CI` set) it fails
-them, since tools/test.sh installs all three.
+tools/test.sh installs all three (jupyter-book and Playwright with the dev extra, Chromium with
+tools/browser.sh, which needs root). So a missing one fails these tests in CI (`CI` set) and for root,
+where they could have been installed; elsewhere it skips them.
 """
 import functools
 import http.server
@@ -21,15 +22,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted(p.stem for p in (ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+MUST_RUN = IN_CI or (hasattr(os, "geteuid") and os.geteuid() == 0)
 
 
 def require(available: object, what: str) -> None:
-    """Skip when `what` is missing on a developer's machine; fail in CI, where tools/test.sh installs it."""
+    """Fail when `what` is missing in CI or for root (tools/test.sh installs it there), else skip."""
     if available:
         return
-    if IN_CI:
-        pytest.fail(f"{what} is missing in CI (tools/test.sh should have installed it)")
-    pytest.skip(f"{what} is not installed")
+    message = f"{what} is missing: bash tools/test.sh installs it"
+    if MUST_RUN:
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def chromium_path() -> str | None:
@@ -98,7 +101,8 @@ PAGE_STATE = """async () => {
     mathjax: !!(window.MathJax && MathJax.version),
     math: math.length,
     typeset: math.filter(m => m.querySelector('mjx-container')).length,
-    tex_errors: document.querySelectorAll('mjx-merror').length,
+    // a TeX syntax error, or an undefined macro (MathJax shows its name in red)
+    tex_errors: document.querySelectorAll('mjx-merror, mjx-mtext[style*="color: red"]').length,
     images: Array.from(document.images).map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0})),
   };
 }"""
@@ -109,7 +113,7 @@ def test_pages_in_headless_chromium(server: str) -> None:
     MathJax without TeX errors, and its figures load."""
     require(importlib.util.find_spec("playwright"), "playwright (the dev extra)")
     chromium = chromium_path()
-    require(chromium, "chromium (apt-get install chromium; tools/test.sh does it as root)")
+    require(chromium, "chromium (tools/browser.sh: apt-get install chromium, as root)")
     from playwright.sync_api import sync_playwright
 
     pages = ["README"] + [f"chapters/{name}" for name in CHAPTERS]
