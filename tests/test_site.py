@@ -108,9 +108,19 @@ PAGE_STATE = """async () => {
 }"""
 
 
+def watch(page) -> list[str]:
+    """The problems a reader's browser reports on `page`: console errors, script errors, failed requests."""
+    seen: list[str] = []
+    page.on("console", lambda m: seen.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: seen.append(f"script error: {e}"))
+    page.on("requestfailed", lambda r: seen.append(f"request failed: {r.url}"))
+    page.on("response", lambda r: seen.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+    return seen
+
+
 def test_pages_in_headless_chromium(server: str) -> None:
     """Each page loads without console errors, failed requests or script errors; its math is typeset by
-    MathJax without TeX errors, and its figures load."""
+    MathJax without TeX errors, its figures load, its notebook is served; and the search finds chapters."""
     require(importlib.util.find_spec("playwright"), "playwright (the dev extra)")
     chromium = chromium_path()
     require(chromium, "chromium (tools/browser.sh: apt-get install chromium, as root)")
@@ -124,11 +134,7 @@ def test_pages_in_headless_chromium(server: str) -> None:
         try:
             for name in pages:
                 page = browser.new_page()
-                seen: list[str] = []
-                page.on("console", lambda m, seen=seen: seen.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-                page.on("pageerror", lambda e, seen=seen: seen.append(f"script error: {e}"))
-                page.on("requestfailed", lambda r, seen=seen: seen.append(f"request failed: {r.url}"))
-                page.on("response", lambda r, seen=seen: seen.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+                seen = watch(page)
                 page.goto(f"{server}/{name}.html", wait_until="load")
                 state = page.evaluate(PAGE_STATE)
                 page.wait_for_load_state("networkidle")  # fonts and images MathJax asked for
@@ -145,6 +151,15 @@ def test_pages_in_headless_chromium(server: str) -> None:
                 problems += [f"{name}: {s}" for s in seen]
                 total_math += state["math"]
                 total_images += sum(1 for i in state["images"] if i["src"].startswith("../_images/"))
+            # the search box finds the chapters (its index is built with the site)
+            page = browser.new_page()
+            seen = watch(page)
+            page.goto(f"{server}/search.html?q=advantage", wait_until="load")
+            page.wait_for_selector("#search-results li a")
+            hits = page.eval_on_selector_all("#search-results li a", "links => links.map(a => a.getAttribute('href'))")
+            assert any(h.startswith("chapters/") for h in hits), hits
+            page.close()
+            problems += [f"search: {s}" for s in seen]
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
