@@ -208,9 +208,11 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
             for i, prompt, record in zip(active, prompts, records):
                 fresh[i] = _round_entry(tokenizer, record, r, len(tokenizer.encode(prompt, add_special_tokens=False)))
         for i, trace in enumerate(traces):
-            carried = {**trace["rounds"][-1], "round": r, "generated": 0, "prompt_tokens": 0, "seconds": 0.0,
-                       "feedback": None} if i not in fresh else None
-            trace["rounds"].append(fresh.get(i, carried))
+            if i in fresh:
+                trace["rounds"].append(fresh[i])
+            else:  # not refined this round: its answer stands, at no cost
+                trace["rounds"].append({**trace["rounds"][-1], "round": r, "generated": 0, "prompt_tokens": 0,
+                                        "seconds": 0.0, "feedback": None})
     for trace in traces:
         trace["final"] = choose_round(trace["rounds"], select, score)
     return traces
@@ -251,10 +253,11 @@ def round_table(traces: Sequence[dict], *, score: str = "mean") -> list[dict]:
         now = [t["rounds"][r] for t in traces]
         prev = [t["rounds"][max(r - 1, 0)] for t in traces]
         new = [e for e in now if e["generated"]]
-        step, since0 = flips([e["correct"] for e in prev], [e["correct"] for e in now]), flips(first, [e["correct"] for e in now])
+        verdicts = [e["correct"] for e in now]
+        step, since0 = flips([e["correct"] for e in prev], verdicts), flips(first, verdicts)
         picked = [e["correct"] for e in final_rounds(traces, k=r, select="confidence", score=score)]
         picked0 = flips(first, picked)
-        right = sum(e["correct"] for e in now)
+        right = sum(verdicts)
         rows.append({
             "round": r, "n": n, "new": len(new), "accuracy": right / n, "ci95": list(wilson_interval(right, n)),
             "wrong_right": step["wrong_right"], "right_wrong": step["right_wrong"],

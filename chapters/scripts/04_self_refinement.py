@@ -45,11 +45,11 @@
 # no part in the choice. The refinement runs use the first `N_TEST` GSM8K **test** problems, the
 # problems of chapter 3's results rows. Everything is greedy except the study's samples.
 #
-# Estimated cost on the 2-core CPU of the stored runs (from chapter 3's 140-170 generated tokens/s
-# and ~290 tokens per response): about 300k generated tokens for the study (about 30 min) and
-# about 70k for the refinement runs, whose prompts also grow each round (about 10-15 min). The
-# chapter prints the measured times. **On a GPU** use `N_CONF = 1000`, `N_TEST = 500` (the results
-# table of the later chapters) and `BATCH_SIZE = 128`.
+# Estimated cost on the 2-core CPU of the stored runs, from chapter 3's 140-170 generated tokens/s
+# and ~290 tokens per response: about 250k generated tokens for the study (25-30 min) and about 70k
+# for the refinement runs, which also re-read about 160k prompt tokens because the conversation grows
+# each round (20-25 min). The chapter prints the measured times. **On a GPU** use `N_CONF = 1000`,
+# `N_TEST = 500` (the results table of the later chapters) and `BATCH_SIZE = 128`.
 
 # %%
 import dataclasses
@@ -65,7 +65,7 @@ MODEL = "tiny-random" if SMOKE else "offline:qwen2.5-coder-0.5b-instruct"
 DEVICE = "cpu"
 TEMPLATE = "step_by_step"  # chapter 3's chain-of-thought prompt: reason, then \boxed{} the answer
 N_CONF = 3 if SMOKE else 200  # GSM8K train problems for the confidence study
-CONF_SAMPLES, CONF_TEMPERATURE = (2, 1.0) if SMOKE else (4, 0.6)  # sampled responses per train problem
+CONF_SAMPLES, CONF_TEMPERATURE = (2, 1.0) if SMOKE else (3, 0.6)  # sampled responses per train problem
 N_TEST = 2 if SMOKE else 40  # the first GSM8K test problems: chapter 3's results rows
 ROUNDS = 3  # K: refinement rounds after the first answer
 ROW_ROUNDS, ROW_SELECT = 2, "confidence"  # the results-table row (fixed before the run, see section 2)
@@ -137,9 +137,10 @@ for i in sorted(range(len(lps)), key=lambda i: lps[i])[:5]:
 print(f"tokens with probability > 0.9: {sum(lp > math.log(0.9) for lp in lps) / len(lps):.0%}")
 
 # %% [markdown]
-# Most tokens are near-certain: once the reasoning is under way, the wording follows. The
-# uncertainty sits in a few places, typically where the model chooses a number or an operation.
-# That suggests several ways to summarize a response in one number.
+# In a typical response most tokens are near-certain (the share above 0.9 is printed above): once
+# the reasoning is under way, the wording follows. The uncertainty sits in a few places, often where
+# the model chooses a number or an operation. That suggests several ways to summarize a response in
+# one number.
 #
 # ### 1.2 Four scores
 #
@@ -252,7 +253,13 @@ print("answer tokens:", [tokenizer.decode([i]) for i in ids[first:last]], "at po
 assert answer_char_span("\\boxed{x}")[0] == len("\\boxed{")  # not the x of "\boxed"
 assert answer_char_span("so it is 42") is None  # no box: the verifier falls back to the last number
 scored = record_confidences(tokenizer, example)[0]
-print("the example response:", {k: round(v, 3) for k, v in scored.items()})
+print("the example response of section 1.1:", {k: round(v, 3) for k, v in scored.items()})
+span = answer_char_span(example["responses"][0])
+span = span and token_span(tokenizer, example["token_ids"][0], span)
+if span:
+    print("its answer tokens and their probabilities:",
+          [(tokenizer.decode([example["token_ids"][0][i]]), round(math.exp(example["logprobs"][0][i]), 3))
+           for i in range(*span)])
 assert scored["total"] <= scored["answer"] <= 0 or scored["answer"] == -math.inf
 assert scored["total"] <= scored["min"] <= scored["mean"] <= 0
 
@@ -405,10 +412,11 @@ print(f"best score on train: {BEST_SCORE}" + ("" if measured else " (a default: 
 
 # %% [markdown]
 # The choice is made here, on train problems, by the AUROC over all responses, and not revisited on
-# test problems. Read the table with the sampling noise in mind: with a few hundred responses the
-# AUROC has a standard error of roughly 0.02-0.03, so scores within about 0.05 of each other are not
-# clearly different. Compare `total` with `-length`: the closer they are, the more of `total`'s
-# ranking power is just the length bias of section 1.3.
+# test problems. Read the table with the sampling noise in mind: with a few hundred responses, and
+# several of them per problem (so not independent), the AUROC has a standard error of roughly
+# 0.02-0.04, so scores within about 0.05 of each other are not clearly different. Compare `total`
+# with `-length`: the closer they are, the more of `total`'s ranking power is just the length bias of
+# section 1.3.
 #
 # ### 1.5 Is the confidence calibrated? A reliability diagram
 #
@@ -467,11 +475,11 @@ plt.show()
 
 # %% [markdown]
 # Two things to look for. A rising curve means the score *orders* answers well (that is the AUROC
-# again, in picture form). Its distance from the diagonal is *calibration*: a small instruction-tuned
-# model is usually overconfident, its answers' probabilities high while most of them are wrong,
-# because nothing in its training ever penalized confident mistakes. An overconfident score can still
-# rank well, and ranking is what selection by confidence needs; but as a number told to the model
-# it overstates the odds, and the feedback below states it as is.
+# again, in picture form). Its distance from the diagonal is *calibration*. Expect curves below the
+# diagonal (overconfidence) for an instruction-tuned model: its training rewarded fluent, likely
+# text, and never penalized a confident wrong number; the diagram shows how far that holds here. A
+# miscalibrated score can still rank well, and ranking is all that selection by confidence needs;
+# but as a number told to the model it misstates the odds, and the feedback below states it as is.
 #
 # ## 2. The refinement loop
 #
@@ -568,10 +576,11 @@ print(round1[-420:])
 #
 # We fix the results row's rule *before* seeing test results: `confidence`. The reason is the
 # known weakness of self-correction without an oracle: Huang et al. (2023, "Large Language Models
-# Cannot Self-Correct Reasoning Yet") found that models asked to review their answers change right
-# ones into wrong ones about as often as the reverse, and that reported gains came from oracle
-# stopping. Selection by a score that ranks answers better than chance is the deployable stand-in for
-# that oracle. Both rules are measured.
+# Cannot Self-Correct Reasoning Yet") found that asking models to review and revise their answers,
+# with no gold answer involved, did not raise their reasoning accuracy (on GSM8K it fell slightly),
+# because revisions broke right answers as well as fixing wrong ones; earlier reported gains had used
+# the gold answer to decide when to stop. Selection by a score that ranks answers better than chance
+# is the deployable stand-in for that oracle. Both rules are measured.
 
 # %%
 #| export: refine
@@ -633,9 +642,11 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
             for i, prompt, record in zip(active, prompts, records):
                 fresh[i] = _round_entry(tokenizer, record, r, len(tokenizer.encode(prompt, add_special_tokens=False)))
         for i, trace in enumerate(traces):
-            carried = {**trace["rounds"][-1], "round": r, "generated": 0, "prompt_tokens": 0, "seconds": 0.0,
-                       "feedback": None} if i not in fresh else None
-            trace["rounds"].append(fresh.get(i, carried))
+            if i in fresh:
+                trace["rounds"].append(fresh[i])
+            else:  # not refined this round: its answer stands, at no cost
+                trace["rounds"].append({**trace["rounds"][-1], "round": r, "generated": 0, "prompt_tokens": 0,
+                                        "seconds": 0.0, "feedback": None})
     for trace in traces:
         trace["final"] = choose_round(trace["rounds"], select, score)
     return traces
@@ -768,10 +779,11 @@ def round_table(traces: Sequence[dict], *, score: str = "mean") -> list[dict]:
         now = [t["rounds"][r] for t in traces]
         prev = [t["rounds"][max(r - 1, 0)] for t in traces]
         new = [e for e in now if e["generated"]]
-        step, since0 = flips([e["correct"] for e in prev], [e["correct"] for e in now]), flips(first, [e["correct"] for e in now])
+        verdicts = [e["correct"] for e in now]
+        step, since0 = flips([e["correct"] for e in prev], verdicts), flips(first, verdicts)
         picked = [e["correct"] for e in final_rounds(traces, k=r, select="confidence", score=score)]
         picked0 = flips(first, picked)
-        right = sum(e["correct"] for e in now)
+        right = sum(verdicts)
         rows.append({
             "round": r, "n": n, "new": len(new), "accuracy": right / n, "ci95": list(wilson_interval(right, n)),
             "wrong_right": step["wrong_right"], "right_wrong": step["right_wrong"],
@@ -917,10 +929,13 @@ refine_minutes = (sum(row["seconds"] for row in tables["confidence"]) + sum(row[
 print(f"\nrecorded generation time: confidence study {study_minutes:.1f} min, refinement {refine_minutes:.1f} min")
 
 # %% [markdown]
-# The generated tokens per round stay about the same, but the later rounds also pay for longer
-# prompts: a prefill of a thousand tokens per problem, and attention over a longer cache at every
-# step. On a GPU the same runs are bounded by generation, not by the prompts: prefill is a few large
-# matrix products that a GPU does in milliseconds.
+# Compare the rounds' rates: the later rounds also pay for longer prompts, a prefill of up to a
+# thousand tokens per problem before the first new token, and attention over a longer cache at every
+# step. Our engine re-reads each conversation from the start; an engine that kept every
+# conversation's KV cache from the previous round (prefix caching, as serving engines such as vLLM
+# do) would read only the new feedback turn. On a GPU the prompts matter much less: a prefill is a
+# few large matrix products, which a GPU does in milliseconds; generation, one token at a time,
+# remains the cost.
 #
 # ## 4. Results so far
 #
@@ -963,9 +978,9 @@ if not SMOKE:
 print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_start) / 60:.1f} min (recorded runs are reused)")
 
 # %% [markdown]
-# Refinement costs at least $K + 1$ times the tokens of one answer, comparable to self-consistency
-# with $N = K + 1$ samples, plus the re-read prompts. Whether it buys more than voting does is in the
-# two tables side by side; the paired comparison with its own round 0 is the sharper test.
+# Refinement generates about $K + 1$ answers per problem, the token cost of self-consistency with
+# $N = K + 1$ samples, plus the re-read prompts. Whether it buys more than voting does is in the
+# rows side by side; the paired comparison with its own round 0 is the sharper test.
 #
 # ## Summary
 #
@@ -980,11 +995,13 @@ print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_st
 # * the paired analysis: `flips`, `mcnemar_exact`, `round_table`.
 #
 # The chapter's lesson is about the feedback signal. With the oracle's "this is wrong", the model
-# gets to retry exactly the problems it failed; with only its own confidence it must decide for
-# itself which answers to doubt, and its confidence is a weak judge (the AUROCs of section 1) of
-# answers that came from the very same distribution. Chapter 3's pass@N already showed that the
-# right answer is often within reach; refinement and voting both try to *select* it after the fact.
-# The next chapters change the model instead, so that the right answer becomes the likely one.
+# retries exactly the problems it failed, and the gap between the oracle's curve and round 0 is the
+# most that retrying can buy. With only its own confidence, the model must judge answers that came
+# from its own distribution, and that judgement is only as good as the AUROCs of section 1 say; the
+# gap between the deployable curves and the oracle's is the price of not knowing which answers are
+# wrong. Chapter 3's pass@N already showed that the right answer is often within reach; refinement and
+# voting both try to reach it after the fact. The next chapters change the model instead, so that
+# the right answer becomes the likely one.
 #
 # ## Exercises
 #
