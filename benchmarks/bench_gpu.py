@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -193,7 +194,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_gpu.json"))
+    parser.add_argument("--out", help="results file (default: benchmarks/results/bench_gpu.json; with --smoke a "
+                        "temporary file, so a smoke run never overwrites measured results)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.smoke and device == "cpu":
@@ -202,6 +204,9 @@ def main() -> None:
     batches = [1, 2] if args.smoke else [int(b) for b in args.batches.split(",")]
     new_tokens = 4 if args.smoke else args.new_tokens
     repeats = 1 if args.smoke else args.repeats
+    if args.out is None:
+        args.out = (tempfile.mkdtemp() + "/bench_gpu_smoke.json" if args.smoke
+                    else str(Path(__file__).parent / "results" / "bench_gpu.json"))
     tokenizer = IdTokenizer()
     report = {"date": datetime.date.today().isoformat(), "hardware": describe_hardware(),
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
