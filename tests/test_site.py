@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The site built by tools/site.sh (warnings are errors there) into a temporary folder."""
     require(importlib.util.find_spec("jupyter_book"), "jupyter-book (the dev extra)")
     out = tmp_path_factory.mktemp("site")
-    result = subprocess.run(["bash", "tools/site.sh", str(out)], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(["bash", "tools/site.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, f"site build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     return out / "_build" / "html"
 

@@ -7,8 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-build/site}"
-python -c "import jupyter_book, importlib; importlib.import_module('sphinx-mathjax-offline')" 2>/dev/null \
+python="${PYTHON:-python}"  # the test passes its own interpreter
+"$python" -c "import jupyter_book, importlib; importlib.import_module('sphinx-mathjax-offline')" 2>/dev/null \
   || bash tools/setup.sh
-python -c "from jupyter_book.cli.main import main; main()" build . --config book/_config.yml \
+"$python" -c "from jupyter_book.cli.main import main; main()" build . --config book/_config.yml \
   --toc book/_toc.yml --path-output "$out" --warningiserror --keep-going --quiet
 echo "site: $out/_build/html/index.html"
