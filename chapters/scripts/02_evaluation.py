@@ -2228,6 +2228,10 @@ assert all(parse_math(p.answer) is not None for p in gsm8k)
 # Chapter 3 uses three more: `think` (the chat template plus "Let's think step by step."),
 # `few_shot` and `plain_few_shot` (eight worked examples before the question, as chat turns or as
 # raw text).
+#
+# A chat template's turns are built as a list of messages (`chat_messages`) and rendered by one
+# function, `render_chat`, the only place a conversation goes through the tokenizer's chat template;
+# chapter 4 extends such a conversation with the model's own answers and feedback on them.
 
 # %%
 #| export: prompts
@@ -2287,12 +2291,28 @@ def format_prompt(tokenizer, question: str, template: str = "chat") -> str:
     if template == "plain_few_shot":
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in GSM8K_COT_EXEMPLARS)
         return f"{shots}Q: {question}\nA:"
+    return render_chat(tokenizer, chat_messages(question, template))
+
+
+def chat_messages(question: str, template: str = "chat") -> list[dict[str, str]]:
+    """The chat turns of a chat template (any of TEMPLATES but plain and plain_few_shot), ending with the
+    user's question: the start of a conversation that later turns (chapter 4's refinement) extend."""
+    if template not in TEMPLATES or template in ("plain", "plain_few_shot"):
+        raise ValueError(f"{template!r} is not a chat template; choose from {TEMPLATES[1:5]}")
     messages = []
     if template == "few_shot":
         for q, a in GSM8K_COT_EXEMPLARS:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     suffix = {"step_by_step": f"\n{STEP_BY_STEP}", "think": f"\n{THINK}"}.get(template, "")
     messages.append({"role": "user", "content": question + suffix})
+    return messages
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    """A conversation (dicts with "role" and "content", ending with a user turn) through the tokenizer's
+    chat template, ready for the assistant's next turn: the one way the book builds a chat prompt."""
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("a chat prompt must end with a user turn")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -2325,6 +2345,12 @@ def stop_strings(template: str) -> list[str] | None:
 # from the seed `derive_seed(seed, p.id)`, so a run that was interrupted and resumed, or run with
 # another batch size, produces exactly the samples of one uninterrupted run.
 #
+# Every record keeps the prompt it answered, and a record is reused only for that exact prompt, so
+# a changed template is never served old responses. Two options serve later chapters: `prompts=`
+# lets a strategy build its own prompts (chapter 4 sends the model's previous answer back to it as a
+# chat turn), recorded under a `stage` name of their own, and `token_logprobs=True` also keeps every
+# generated token and its log-probability, from which chapter 4 computes the model's confidence.
+#
 # `summarize` turns records into the numbers we report: accuracy with a **Wilson 95% confidence
 # interval** (better behaved than ±1.96·√(p(1−p)/n) for small n or extreme p), accuracy per
 # difficulty level and subject, mean response length, extraction rate, and throughput.
@@ -2341,6 +2367,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from rlscratch.data import Problem
@@ -2357,7 +2384,9 @@ class EvalSettings:
 
     `model` is a readable name; `weights` is what identifies the model: the SHA-256 of its weights
     (`rlscratch.model.weights_fingerprint`), filled in by `evaluate` when left empty, so a trained
-    checkpoint never reuses the records of the model it started from."""
+    checkpoint never reuses the records of the model it started from. `stage` names records that must
+    stay apart from the template's own runs: prompts built by a strategy (chapter 4's refinement rounds),
+    or records that keep per-token log-probs."""
     model: str
     template: str = "chat"
     max_new_tokens: int = 512
@@ -2366,10 +2395,19 @@ class EvalSettings:
     n: int = 1
     seed: int = 0
     weights: str | None = None
+    stage: str = ""
+
+    def key(self) -> dict:
+        """The fields that identify the run; `stage` only when set, so runs recorded before it existed keep their names."""
+        fields = dataclasses.asdict(self)
+        if not fields["stage"]:
+            del fields["stage"]
+        return fields
 
     def run_name(self, dataset: str) -> str:
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-        return f"{dataset}-{self.template}-t{self.temperature}-n{self.n}-{digest}"
+        digest = hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:10]
+        stage = f"-{self.stage}" if self.stage else ""
+        return f"{dataset}-{self.template}{stage}-t{self.temperature}-n{self.n}-{digest}"
 
 
 def grade_record(record: dict) -> dict:
@@ -2394,6 +2432,7 @@ def _load_records(path: Path) -> dict[str, dict]:
                 stale = True
                 continue
             before = (record.get("extracted"), record.get("rules"), record.get("correct"))
+            stale |= record["id"] in records  # a problem redone for a new prompt: keep only its last record
             records[record["id"]] = grade_record(record)
             stale |= before != (record["extracted"], record["rules"], record["correct"])
     if stale and records:
@@ -2424,28 +2463,44 @@ assert json.loads(demo_file.read_text())["correct"] == [True, False]  # and the 
 
 # %%
 #| export: evaluate
+def _reusable(record: dict | None, prompt: str, token_logprobs: bool) -> bool:
+    """Whether a stored record answers this prompt (with per-token log-probs, if they are wanted)."""
+    return record is not None and record.get("prompt") == prompt and (not token_logprobs or "logprobs" in record)
+
+
 def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, *, batch_size: int = 16,
-             run_dir: Path | None = None, progress: bool = True) -> list[dict]:
+             run_dir: Path | None = None, progress: bool = True, prompts: Sequence[str] | None = None,
+             token_logprobs: bool = False) -> list[dict]:
     """Evaluate `problems`, resuming from (and appending to) the run's JSONL file. Returns records in order.
 
     Sampling is reproducible per problem: problem p draws from seed derive_seed(settings.seed, p.id), so an
-    interrupted and resumed run, or one with another batch size, gives the same samples as a single run."""
+    interrupted and resumed run, or one with another batch size, gives the same samples as a single run.
+    A stored record is reused only for the prompt it answered. `prompts` (one per problem) replaces the
+    template's prompts, for strategies that build their own; such a run needs a `settings.stage`.
+    `token_logprobs` also records each sample's token ids and per-token log-probs (4 decimals)."""
     if not problems:
         raise ValueError("no problems to evaluate")
     datasets = {p.dataset for p in problems}
     if len(datasets) != 1:
         raise ValueError(f"one dataset per run, got {sorted(datasets)}")
+    if prompts is None:
+        prompts = [format_prompt(tokenizer, p.question, settings.template) for p in problems]
+    elif len(prompts) != len(problems):
+        raise ValueError(f"{len(prompts)} prompts for {len(problems)} problems")
+    elif not settings.stage:
+        raise ValueError("prompts of your own need a settings.stage, so they never mix with the template's records")
+    prompt_of = {p.id: prompt for p, prompt in zip(problems, prompts)}
     if settings.weights is None:
         settings = dataclasses.replace(settings, weights=weights_fingerprint(model))
     run_dir = Path(run_dir or results_dir() / "runs")
     run_dir.mkdir(parents=True, exist_ok=True)
     name = settings.run_name(datasets.pop())
     path, meta = run_dir / f"{name}.jsonl", run_dir / f"{name}.settings.json"
-    if meta.exists() and json.loads(meta.read_text()) != dataclasses.asdict(settings):
+    if meta.exists() and json.loads(meta.read_text()) != settings.key():
         raise ValueError(f"{meta} holds other settings; choose another run_dir")
-    meta.write_text(json.dumps(dataclasses.asdict(settings), indent=1))
+    meta.write_text(json.dumps(settings.key(), indent=1))
     done = _load_records(path)
-    todo = [p for p in problems if p.id not in done]
+    todo = [p for p in problems if not _reusable(done.get(p.id), prompt_of[p.id], token_logprobs)]
     bar = None
     if progress and todo:
         from tqdm import tqdm  # a text bar: it stays readable in saved notebook outputs
@@ -2458,23 +2513,27 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     tokens_done, seconds_done = 0, 0.0
     for start in range(0, len(todo), per_batch):
         chunk = todo[start:start + per_batch]
-        prompts = [format_prompt(tokenizer, p.question, settings.template) for p in chunk]
+        chunk_prompts = [prompt_of[p.id] for p in chunk]
         seed = None if settings.temperature == 0 else [derive_seed(settings.seed, p.id) for p in chunk]
         t0 = time.perf_counter()
-        completions = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+        completions = generate(model, tokenizer, chunk_prompts, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
                                stop=stop_strings(settings.template), seed=seed, batch_size=batch_size)
         seconds = time.perf_counter() - t0
         lines = []
         for k, problem in enumerate(chunk):
             samples = completions[k * settings.n:(k + 1) * settings.n]
-            record = grade_record({
+            record = {
                 "id": problem.id, "dataset": problem.dataset, "level": problem.level, "subject": problem.subject,
-                "gold": problem.answer, "prompt": prompts[k], "responses": [c.text for c in samples],
+                "gold": problem.answer, "prompt": chunk_prompts[k], "responses": [c.text for c in samples],
                 "tokens": [len(c.token_ids) for c in samples], "finish": [c.finish_reason for c in samples],
                 "mean_logprob": [sum(c.logprobs) / max(1, len(c.logprobs)) for c in samples],
                 "seconds": seconds / len(chunk),
-            })
+            }
+            if token_logprobs:
+                record["token_ids"] = [c.token_ids for c in samples]
+                record["logprobs"] = [[round(x, 4) for x in c.logprobs] for c in samples]
+            record = grade_record(record)
             done[problem.id] = record
             lines.append(json.dumps(record) + "\n")
         with open(path, "a", encoding="utf-8") as f:
