@@ -2223,15 +2223,24 @@ ax.legend(loc="lower right", fontsize=8)
 plt.tight_layout()
 plt.show()
 
+def ms(rate):
+    return 1000 / rate  # milliseconds per token
+
+
+print(f"one packed decode step, {ms(packed_rate):.1f} ms = {ms(roofline):.1f} ms of weight reading at the roofline "
+      f"{ms(products_rate) - ms(roofline):+.1f} ms more in the matrix kernels "
+      f"{ms(packed_rate) - ms(products_rate):+.1f} ms for the rest of the step")
+
 # %% [markdown]
 # Read the three bars from the top. The first two are whole decode steps: the distance between them
-# is what packing saves. The third is the matrix products without anything else, and it is the
-# ceiling for this way of computing them: the space between the second and the third bar is
-# attention, norms, sampling and the Python loop; the space between the third bar and the dashed
-# line is the kernels not streaming as fast as a plain read. At batch 1 only fewer bytes per token
-# (quantized weights) or faster kernels could close that last gap; batching instead does more work
-# per byte read, which is why the batched rows of the benchmark below are many times faster per
-# token.
+# is what packing saves. The third is the matrix products without anything else, the ceiling for
+# this way of computing them. The printed line splits a packed step's time the same way: the time
+# the roofline allows for reading the weights, the extra time the matrix kernels take beyond a
+# plain read, and the rest of the step (attention, norms, sampling, the Python loop). (A negative
+# part would mean two measurements disagree by more than the machine's drift; repeat them with
+# `benchmarks/bench_roofline.py`.) At batch 1 only fewer bytes per token (quantized weights) or
+# faster kernels could shorten the first two parts; batching instead does more work per byte read,
+# which is why the batched rows of the benchmark below are many times faster per token.
 #
 # `benchmarks/bench_generate.py` runs the full comparison side by side (naive, cached, packed
 # weights, batched, compiled, and Hugging Face `generate` on the same weights); its last results are

@@ -2562,7 +2562,9 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
 # that sign test: the two-sided p-value is the probability, under fair coins, of a split at least as
 # lopsided as the one observed, computed exactly from binomial coefficients,
 #
-# p = min(1, 2 · Σ_{k ≤ min(wins, losses)} C(n, k) / 2^n),   n = wins + losses.
+# $$p = \min\Big(1,\ 2 \sum_{k=0}^{\min(w,\, l)} \binom{n}{k} \Big/ 2^n\Big), \qquad n = w + l,$$
+#
+# with $w$ wins and $l$ losses.
 #
 # A small p says the split would be surprising if the runs were equally good; a large p says the
 # data cannot tell them apart, which is not the same as saying they are equal. With 13 discordant
