@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+bash tools/browser.sh  # Chromium for the website check (tests/test_site.py)
 if [ -z "${RLSCRATCH_DATA:-}" ] && [ -d ../shared/data ]; then
   export RLSCRATCH_DATA="$(cd ../shared/data && pwd)"
 fi
