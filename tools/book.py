@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -381,10 +382,11 @@ def lab_url(port: int, token: str, path: str = "lab/tree/chapters") -> str:
 
 
 def start_lab(port: int | None = None, token: str | None = None, **popen) -> tuple[subprocess.Popen, int, str]:
-    """Start JupyterLab in the background; return the process, its port and its token."""
+    """Start JupyterLab in the background; return the process, its port and its token. It runs in its
+    own session, so that Ctrl-C reaches only us and we shut it down through its API."""
     port = port or free_port()
     token = token or secrets.token_hex(24)
-    return subprocess.Popen(lab_command(port, token), cwd=ROOT, **popen), port, token
+    return subprocess.Popen(lab_command(port, token), cwd=ROOT, start_new_session=True, **popen), port, token
 
 
 def wait_for_lab(process: subprocess.Popen, port: int, token: str, timeout: float = 180) -> bool:
@@ -418,11 +420,13 @@ def stop_lab(process: subprocess.Popen, port: int, token: str) -> None:
 
 
 def run_lab(port: int | None) -> int:
+    """`tools/book.sh lab`: start JupyterLab, print the URL to open once it answers, wait; Ctrl-C or
+    SIGTERM shut it down (its kernels included)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     process, port, token = start_lab(port)
     try:
         if not wait_for_lab(process, port, token):
             print("JupyterLab did not start (see its messages above)", flush=True)
-            stop_lab(process, port, token)
             return 1
         url = lab_url(port, token)
         bar = "=" * min(100, len(url) + 4)
@@ -431,8 +435,9 @@ def run_lab(port: int | None) -> int:
               f"Stop it with Ctrl-C.\n{bar}\n", flush=True)
         return process.wait()
     except KeyboardInterrupt:
-        stop_lab(process, port, token)
         return 0
+    finally:
+        stop_lab(process, port, token)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,18 @@ source tools/env.sh
 PY="$RLSCRATCH_PY"
 extras="dev,offline"
 [ "${1:-}" = "book" ] && extras="book,dev,offline"
+# Already installed here from this clone, with this pyproject.toml and these extras? Then skip pip.
+stamp_key="$(cat pyproject.toml; pwd)"
+stamp_key="$(printf '%s' "$stamp_key" | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+stamp_dir="$("$PY" -c 'import sys; print(sys.prefix)')"
+for have in "$extras" "book,dev,offline"; do
+  if [ "$(cat "$stamp_dir/.rlscratch-setup-$have" 2>/dev/null)" = "$stamp_key" ] \
+     && "$PY" -c "import rlscratch, torch, ipykernel" 2>/dev/null; then
+    echo "rlscratch already installed (extras: ${have}) in $RLSCRATCH_ENV"
+    exit 0
+  fi
+  [ "$extras" = "book,dev,offline" ] && break
+done
 "$PY" -m pip --version >/dev/null
 # PyTorch first, so that the dependency resolver does not pick a build for us: the CPU build from
 # PyTorch's own index when it is reachable and there is no NVIDIA GPU (PyPI's Linux wheels bring
@@ -53,4 +65,5 @@ echo "installing rlscratch and its dependencies (extras: ${extras})"
 "$PY" -m pip install -q -e ".[${extras}]"
 # A kernel named "rlscratch" inside this environment (the notebooks ask for it); other kernels untouched.
 "$PY" -m ipykernel install --sys-prefix --name rlscratch --display-name "Python (rlscratch)" >/dev/null
+echo "$stamp_key" > "$stamp_dir/.rlscratch-setup-$extras" 2>/dev/null || true
 echo "rlscratch installed (extras: ${extras}) in $RLSCRATCH_ENV"
