@@ -12,6 +12,7 @@ chapter failed.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import secrets
@@ -31,6 +32,12 @@ CHAPTERS = ROOT / "chapters"
 LOG_DIR = ROOT / "logs" / "book"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 HEARTBEAT_S = 60  # without a terminal, a long cell reports that it is still running this often
+INTERRUPTED = threading.Event()  # Ctrl-C (or SIGTERM): stop the whole run, not just this chapter
+
+
+def _on_sigint(signum, frame):
+    INTERRUPTED.set()
+    signal.default_int_handler(signum, frame)
 
 
 def duration(seconds: float) -> str:
@@ -228,6 +235,14 @@ def run_chapter(nb_path: Path, log_dir: Path) -> Result:
         return result
     except Exception as err:  # a cell raised, or the kernel died: report, keep the notebook as it was
         progress.stop()
+        # While it executes, nbclient takes SIGINT/SIGTERM itself: it shuts the kernel down (and we
+        # then see "kernel died"), leaving a note of it on the client.
+        if getattr(client, "_async_cleanup_kernel_future", None) is not None:
+            INTERRUPTED.set()
+        if INTERRUPTED.is_set():
+            result.status, result.seconds = "interrupted", time.monotonic() - start
+            result.error = f"interrupted in cell {progress.number}"
+            return result
         result.status, result.seconds = "FAILED", time.monotonic() - start
         if isinstance(err, CellExecutionError):
             ename, evalue, traceback = err.ename, err.evalue, str(err)
@@ -323,13 +338,20 @@ def run_book(names: list[str], log_dir: Path = LOG_DIR) -> int:
     """Run the chosen chapters one after another; print the summary; return the exit status."""
     notebooks = select_chapters(names)
     results = [Result(nb.stem) for nb in notebooks]
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # nbclient's leftover tasks after a kernel died
+    signal.signal(signal.SIGINT, _on_sigint)
     print(f"Running {len(notebooks)} chapter(s) with {sys.executable}; failures are logged in "
           f"{shown_path(log_dir)}/", flush=True)
     interrupted = False
     for i, nb in enumerate(notebooks):
         print(f"\n== [{i + 1}/{len(notebooks)}] {shown_path(nb)}", flush=True)
-        results[i] = run_chapter(nb, log_dir)
-        if results[i].status == "interrupted":
+        try:
+            results[i] = run_chapter(nb, log_dir)
+        except KeyboardInterrupt:  # between cells (kernel start, export): the chapter did not finish
+            results[i] = Result(nb.stem, "interrupted")
+        if results[i].status == "interrupted" or INTERRUPTED.is_set():
+            if results[i].status != "ok":
+                results[i].status = "interrupted"
             interrupted = True
             break
     if any(_in_chapters(nb) for nb in notebooks) and not interrupted:
