@@ -191,9 +191,9 @@ def _in_chapters(nb_path: Path) -> bool:
     return nb_path.resolve().parent == CHAPTERS.resolve()
 
 
-def _export(check_only: bool = False) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(ROOT / "tools" / "export.py")] + (["--check"] if check_only else [])
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+def _export() -> subprocess.CompletedProcess:
+    """`python tools/export.py`: the package regenerated from the notebooks."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "export.py")], cwd=ROOT, capture_output=True, text=True)
 
 
 def run_chapter(nb_path: Path, log_dir: Path) -> Result:
