@@ -8,6 +8,9 @@ chat prompt, on the same weights in the same dtype (--dtype auto: bfloat16 where
 natively, float32 elsewhere; the CPU and dtype are printed and recorded). tokens/s counts generated tokens (prefill included in
 the time); each row is the best of --repeats runs, and for each batch size our engine and
 transformers' run alternately (the machine's speed drifts over minutes).
+The batch-1 rows are also reported as decode steps alone (prefill excluded: n tokens minus 1 token)
+against the memory roofline: the bandwidth of a pure memory stream (a sum over 1 GB, best of 5,
+`rlscratch.generate.memory_bandwidth`) over the bytes of weights a step reads.
 Results: benchmarks/results/bench_generate.json (+ a markdown table on stdout).
 """
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from rlscratch.generate import chat_prompt, generate, generate_without_cache, pack_for_cpu, packing_works
+from rlscratch.generate import (chat_prompt, generate, generate_without_cache, memory_bandwidth, pack_for_cpu,
+                                packing_works, weight_bytes_per_token)
 from rlscratch.model import OFFLINE_MODEL, describe_hardware, hf_reference, load_model, resolve_dtype
 
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -37,28 +41,6 @@ def timed(fn, repeats: int = 1) -> float:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def gemv_bandwidth(dtype: torch.dtype, packed: bool = False, total_bytes: float = 560e6, repeats: int = 4) -> float:
-    """Best bytes/s of matrix-vector products streaming weight matrices that total far more than
-    the CPU caches, over two shapes: the MLP's (4864 x 896) and the output layer's (151936 x 896).
-
-    packed: the weights prepacked for oneDNN, as `pack_for_cpu` does (no reorder on every call).
-    """
-    best = 0.0
-    size = torch.empty(0, dtype=dtype).element_size()
-    for rows, cols in ((4864, 896), (151936, 896)):
-        count = max(1, int(total_bytes // (rows * cols * size)))
-        weights = [torch.randn(rows, cols, dtype=dtype) for _ in range(count)]
-        x = torch.randn(1, cols, dtype=dtype)
-        if packed:
-            weights = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
-            products = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]  # noqa: E731
-        else:
-            products = lambda: [x @ w.T for w in weights]  # noqa: E731
-        products()  # warm-up
-        best = max(best, count * rows * cols * size / timed(products, repeats))
     return best
 
 
@@ -110,8 +92,8 @@ def main() -> None:
                         do_sample=False, pad_token_id=tok.pad_token_id)
 
     hf_batches = {int(x) for x in args.hf_batches.split(",")}
-    best_bandwidth = {"plain": 0.0, "packed": 0.0}
-    best_prefill_only = float("inf")  # packed, batch 1, one new token: the prefill and setup cost
+    bandwidth = 0.0
+    best_prefill_only = {"plain": float("inf"), "packed": float("inf")}  # batch 1, one new token: prefill and setup
     for b in [int(x) for x in args.batches.split(",")]:
         # the machine's speed drifts: alternate the engines and keep each one's best time
         best = {"ours": float("inf"), "packed": float("inf"), "hf": float("inf")}
@@ -120,11 +102,10 @@ def main() -> None:
             best["packed"] = min(best["packed"], timed(lambda: ours(packed, b)))
             if b in hf_batches:
                 best["hf"] = min(best["hf"], timed(lambda: hf_run(b)))
-            if b == 1:  # the roofline's inputs, measured next to the batch-1 runs they bound
-                best_bandwidth["plain"] = max(best_bandwidth["plain"], gemv_bandwidth(dtype))
-                if can_pack:
-                    best_bandwidth["packed"] = max(best_bandwidth["packed"], gemv_bandwidth(dtype, packed=True))
-                best_prefill_only = min(best_prefill_only, timed(lambda: ours(packed, 1, new_tokens=1)))
+            if b == 1:  # the roofline's bandwidth and the prefill times, measured next to the batch-1 runs
+                bandwidth = max(bandwidth, memory_bandwidth(0.05 if args.smoke else 1.0))
+                best_prefill_only["plain"] = min(best_prefill_only["plain"], timed(lambda: ours(model, 1, new_tokens=1)))
+                best_prefill_only["packed"] = min(best_prefill_only["packed"], timed(lambda: ours(packed, 1, new_tokens=1)))
         record(f"rlscratch KV cache, batch {b}", b, best["ours"])
         record(f"rlscratch KV cache + packed weights, batch {b}", b, best["packed"])
         if b in hf_batches:
@@ -141,24 +122,19 @@ def main() -> None:
         record("rlscratch + torch.compile, batch 1", 1, best_compiled, compile_seconds=round(compile_s, 1),
                eager_same_phase_tokens_per_s=round(n_new / best_eager, 2))
 
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    if model.config.tie_word_embeddings:
-        weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    plain_bw, packed_bw = best_bandwidth["plain"], best_bandwidth["packed"]
-    bandwidth = max(plain_bw, packed_bw)  # the fastest weight streaming measured is the honest bound
+    weight_bytes = weight_bytes_per_token(model)
     by_name = {r["name"]: r["tokens_per_s"] for r in rows}
     summary = {
         "kv_cache_over_naive": by_name["rlscratch KV cache, batch 1"] / by_name["naive (no cache), batch 1"],
-        "weight_bytes": weight_bytes, "gemv_bandwidth_GBps": plain_bw / 1e9,
-        "packed_gemv_bandwidth_GBps": packed_bw / 1e9, "roofline_tokens_per_s": bandwidth / weight_bytes,
+        "weight_bytes": weight_bytes, "memory_bandwidth_GBps": bandwidth / 1e9,
+        "roofline_tokens_per_s": bandwidth / weight_bytes,
     }
-    packed_b1 = next(r for r in rows if r["name"] == "rlscratch KV cache + packed weights, batch 1")
-    # decode steps alone: (n - 1) further tokens in (time for n tokens - time for 1 token)
-    summary["packed_batch1_decode_only_tokens_per_s"] = (n_new - 1) / (packed_b1["seconds"] - best_prefill_only)
-    summary["packed_batch1_decode_only_fraction_of_roofline"] = (
-        summary["packed_batch1_decode_only_tokens_per_s"] / summary["roofline_tokens_per_s"])
     for engine, label in (("plain", "rlscratch KV cache"), ("packed", "rlscratch KV cache + packed weights")):
-        summary[f"{engine}_batch1_fraction_of_roofline"] = by_name[f"{label}, batch 1"] / summary["roofline_tokens_per_s"]
+        batch1 = next(r for r in rows if r["name"] == f"{label}, batch 1")
+        # decode steps alone: (n - 1) further tokens in (time for n tokens - time for 1 token)
+        rate = (n_new - 1) / (batch1["seconds"] - best_prefill_only[engine])
+        summary[f"{engine}_batch1_decode_tokens_per_s"] = rate
+        summary[f"{engine}_batch1_decode_fraction_of_roofline"] = rate / summary["roofline_tokens_per_s"]
         for b in [int(x) for x in args.hf_batches.split(",")]:
             if f"{label}, batch {b}" in by_name:
                 summary[f"{engine}_over_hf_batch{b}"] = by_name[f"{label}, batch {b}"] / by_name[f"transformers generate, batch {b}"]

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from rlscratch.data import Problem
@@ -27,7 +28,9 @@ class EvalSettings:
 
     `model` is a readable name; `weights` is what identifies the model: the SHA-256 of its weights
     (`rlscratch.model.weights_fingerprint`), filled in by `evaluate` when left empty, so a trained
-    checkpoint never reuses the records of the model it started from."""
+    checkpoint never reuses the records of the model it started from. `stage` names records that must
+    stay apart from the template's own runs: prompts built by a strategy (chapter 4's refinement rounds),
+    or records that keep per-token log-probs."""
     model: str
     template: str = "chat"
     max_new_tokens: int = 512
@@ -36,10 +39,19 @@ class EvalSettings:
     n: int = 1
     seed: int = 0
     weights: str | None = None
+    stage: str = ""
+
+    def key(self) -> dict:
+        """The fields that identify the run; `stage` only when set, so runs recorded before it existed keep their names."""
+        fields = dataclasses.asdict(self)
+        if not fields["stage"]:
+            del fields["stage"]
+        return fields
 
     def run_name(self, dataset: str) -> str:
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-        return f"{dataset}-{self.template}-t{self.temperature}-n{self.n}-{digest}"
+        digest = hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:10]
+        stage = f"-{self.stage}" if self.stage else ""
+        return f"{dataset}-{self.template}{stage}-t{self.temperature}-n{self.n}-{digest}"
 
 
 def grade_record(record: dict) -> dict:
@@ -64,6 +76,7 @@ def _load_records(path: Path) -> dict[str, dict]:
                 stale = True
                 continue
             before = (record.get("extracted"), record.get("rules"), record.get("correct"))
+            stale |= record["id"] in records  # a problem redone for a new prompt: keep only its last record
             records[record["id"]] = grade_record(record)
             stale |= before != (record["extracted"], record["rules"], record["correct"])
     if stale and records:
@@ -73,28 +86,44 @@ def _load_records(path: Path) -> dict[str, dict]:
     return records
 
 
+def _reusable(record: dict | None, prompt: str, token_logprobs: bool) -> bool:
+    """Whether a stored record answers this prompt (with per-token log-probs, if they are wanted)."""
+    return record is not None and record.get("prompt") == prompt and (not token_logprobs or "logprobs" in record)
+
+
 def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, *, batch_size: int = 16,
-             run_dir: Path | None = None, progress: bool = True) -> list[dict]:
+             run_dir: Path | None = None, progress: bool = True, prompts: Sequence[str] | None = None,
+             token_logprobs: bool = False) -> list[dict]:
     """Evaluate `problems`, resuming from (and appending to) the run's JSONL file. Returns records in order.
 
     Sampling is reproducible per problem: problem p draws from seed derive_seed(settings.seed, p.id), so an
-    interrupted and resumed run, or one with another batch size, gives the same samples as a single run."""
+    interrupted and resumed run, or one with another batch size, gives the same samples as a single run.
+    A stored record is reused only for the prompt it answered. `prompts` (one per problem) replaces the
+    template's prompts, for strategies that build their own; such a run needs a `settings.stage`.
+    `token_logprobs` also records each sample's token ids and per-token log-probs (4 decimals)."""
     if not problems:
         raise ValueError("no problems to evaluate")
     datasets = {p.dataset for p in problems}
     if len(datasets) != 1:
         raise ValueError(f"one dataset per run, got {sorted(datasets)}")
+    if prompts is None:
+        prompts = [format_prompt(tokenizer, p.question, settings.template) for p in problems]
+    elif len(prompts) != len(problems):
+        raise ValueError(f"{len(prompts)} prompts for {len(problems)} problems")
+    elif not settings.stage:
+        raise ValueError("prompts of your own need a settings.stage, so they never mix with the template's records")
+    prompt_of = {p.id: prompt for p, prompt in zip(problems, prompts)}
     if settings.weights is None:
         settings = dataclasses.replace(settings, weights=weights_fingerprint(model))
     run_dir = Path(run_dir or results_dir() / "runs")
     run_dir.mkdir(parents=True, exist_ok=True)
     name = settings.run_name(datasets.pop())
     path, meta = run_dir / f"{name}.jsonl", run_dir / f"{name}.settings.json"
-    if meta.exists() and json.loads(meta.read_text()) != dataclasses.asdict(settings):
+    if meta.exists() and json.loads(meta.read_text()) != settings.key():
         raise ValueError(f"{meta} holds other settings; choose another run_dir")
-    meta.write_text(json.dumps(dataclasses.asdict(settings), indent=1))
+    meta.write_text(json.dumps(settings.key(), indent=1))
     done = _load_records(path)
-    todo = [p for p in problems if p.id not in done]
+    todo = [p for p in problems if not _reusable(done.get(p.id), prompt_of[p.id], token_logprobs)]
     bar = None
     if progress and todo:
         from tqdm import tqdm  # a text bar: it stays readable in saved notebook outputs
@@ -107,23 +136,27 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     tokens_done, seconds_done = 0, 0.0
     for start in range(0, len(todo), per_batch):
         chunk = todo[start:start + per_batch]
-        prompts = [format_prompt(tokenizer, p.question, settings.template) for p in chunk]
+        chunk_prompts = [prompt_of[p.id] for p in chunk]
         seed = None if settings.temperature == 0 else [derive_seed(settings.seed, p.id) for p in chunk]
         t0 = time.perf_counter()
-        completions = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+        completions = generate(model, tokenizer, chunk_prompts, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
                                stop=stop_strings(settings.template), seed=seed, batch_size=batch_size)
         seconds = time.perf_counter() - t0
         lines = []
         for k, problem in enumerate(chunk):
             samples = completions[k * settings.n:(k + 1) * settings.n]
-            record = grade_record({
+            record = {
                 "id": problem.id, "dataset": problem.dataset, "level": problem.level, "subject": problem.subject,
-                "gold": problem.answer, "prompt": prompts[k], "responses": [c.text for c in samples],
+                "gold": problem.answer, "prompt": chunk_prompts[k], "responses": [c.text for c in samples],
                 "tokens": [len(c.token_ids) for c in samples], "finish": [c.finish_reason for c in samples],
                 "mean_logprob": [sum(c.logprobs) / max(1, len(c.logprobs)) for c in samples],
                 "seconds": seconds / len(chunk),
-            })
+            }
+            if token_logprobs:
+                record["token_ids"] = [c.token_ids for c in samples]
+                record["logprobs"] = [[round(x, 4) for x in c.logprobs] for c in samples]
+            record = grade_record(record)
             done[problem.id] = record
             lines.append(json.dumps(record) + "\n")
         with open(path, "a", encoding="utf-8") as f:
@@ -173,3 +206,29 @@ def summarize(records: list[dict]) -> dict:
         "problems_per_min": 60 * n / seconds if seconds else None,
         "tokens_per_s": sum(tokens) / seconds if seconds else None,
     }
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar test: a sign test on the discordant pairs of a paired comparison.
+
+    `wins`: problems only the first run solved; `losses`: problems only the second solved. Returns the
+    probability, if each discordant problem were a fair coin, of a split at least as uneven (1.0 when
+    there is nothing to compare). Exact: binomial coefficients, no normal approximation."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"counts must be >= 0, got {wins} and {losses}")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def compare_paired(first: list[bool], second: list[bool]) -> dict:
+    """Paired comparison of two runs on the same problems (True = solved): "wins" (only `first` solved),
+    "losses" (only `second`), "both", "neither", and the exact McNemar p-value of wins against losses."""
+    if len(first) != len(second):
+        raise ValueError(f"paired runs need the same problems: {len(first)} vs {len(second)} results")
+    pairs = [(bool(a), bool(b)) for a, b in zip(first, second)]
+    wins, losses = pairs.count((True, False)), pairs.count((False, True))
+    return {"n": len(pairs), "wins": wins, "losses": losses, "both": pairs.count((True, True)),
+            "neither": pairs.count((False, False)), "p_value": mcnemar_exact(wins, losses)}

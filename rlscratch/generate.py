@@ -77,6 +77,60 @@ class KVCache:
         self.mask, self.seen = self.mask[rows], self.seen[rows]
 
 
+def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
+    """Wrap a user message in the model's chat template, ready for the assistant's answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _encode_prompts(tokenizer, prompts, context: int, max_new_tokens: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError("prompts must be a list of strings or of token-id lists")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: nothing to generate")
+    encoded = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        if len(ids) + max_new_tokens > context:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                             f"that exceeds the model's context of {context} tokens")
+    return encoded
+
+
+def _left_pad(prompt_ids: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (batch, longest prompt) with each prompt pushed right behind pad tokens, and the
+    attention mask (1 for a real token, 0 for padding)."""
+    width = max(map(len, prompt_ids))
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+    return input_ids, attention
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """End-of-turn and end-of-text ids of the tokenizer (Qwen: <|im_end|>, <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return {i for i in ids if i is not None}
+
+
+def _stop_string_end(tokenizer, token_ids: list[int], stop: Sequence[str]) -> bool:
+    tail = tokenizer.decode(token_ids[-(max(map(len, stop)) + 8):], skip_special_tokens=True)
+    return any(s in tail for s in stop)
+
+
+def _finish_text(tokenizer, token_ids: list[int], stop: Sequence[str] | None) -> str:
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    for s in stop or ():
+        cut = text.find(s)
+        if cut >= 0:
+            text = text[:cut]
+    return text
+
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero all but the smallest set of most likely tokens with total mass >= top_p; renormalize.
 
@@ -137,6 +191,23 @@ def sample_next_token(
     return token.clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
+def _row_generators(seeds: Sequence[int], n: int, device) -> list[torch.Generator]:
+    """One generator per output row (prompt-major): sample j of a prompt with seed s uses derive_seed(s, j)."""
+    return [torch.Generator(device=device).manual_seed(derive_seed(s, j)) for s in seeds for j in range(n)]
+
+
+def _prompt_seeds(seed: int | Sequence[int] | None, count: int) -> list[int] | None:
+    """One seed per prompt: prompt i of an int seed s gets derive_seed(s, i); a list gives them directly."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return [derive_seed(seed, i) for i in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} prompts")
+    return seeds
+
+
 @dataclasses.dataclass
 class Completion:
     """One generated sample. `logprobs[i]` is log p(token_ids[i]) under the model at temperature 1.
@@ -154,56 +225,6 @@ class Completion:
     finish_reason: str
 
 
-def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
-    """Wrap a user message in the model's chat template, ready for the assistant's answer."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def stop_token_ids(tokenizer) -> set[int]:
-    """End-of-turn and end-of-text ids of the tokenizer (Qwen: <|im_end|>, <|endoftext|>)."""
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return {i for i in ids if i is not None}
-
-
-def _encode_prompts(tokenizer, prompts, context: int, max_new_tokens: int) -> list[list[int]]:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise TypeError("prompts must be a list of strings or of token-id lists")
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty: nothing to generate")
-    encoded = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"prompt {i} is empty")
-        if len(ids) + max_new_tokens > context:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
-                             f"that exceeds the model's context of {context} tokens")
-    return encoded
-
-
-def _stop_string_end(tokenizer, token_ids: list[int], stop: Sequence[str]) -> bool:
-    tail = tokenizer.decode(token_ids[-(max(map(len, stop)) + 8):], skip_special_tokens=True)
-    return any(s in tail for s in stop)
-
-
-def _finish_text(tokenizer, token_ids: list[int], stop: Sequence[str] | None) -> str:
-    text = tokenizer.decode(token_ids, skip_special_tokens=True)
-    for s in stop or ():
-        cut = text.find(s)
-        if cut >= 0:
-            text = text[:cut]
-    return text
-
-
-def _row_generators(seeds: Sequence[int], n: int, device) -> list[torch.Generator]:
-    """One generator per output row (prompt-major): sample j of a prompt with seed s uses derive_seed(s, j)."""
-    return [torch.Generator(device=device).manual_seed(derive_seed(s, j)) for s in seeds for j in range(n)]
-
-
 @torch.no_grad()  # not inference_mode: chapter 6 trains on what this returns
 def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, stop, eos_ids, tokenizer, seeds):
     """Generate for one batch of prompts. Yields (row, token) after each step; returns the rows' results.
@@ -211,11 +232,10 @@ def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, 
     Rows are prompt-major: prompt 0 sample 0..n-1, then prompt 1, ... `seeds`: one per prompt, or None.
     """
     device = next(model.parameters()).device
-    width = max(map(len, prompt_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-    cache = KVCache(model.config, len(prompt_ids), width + max_new_tokens, dtype=compute_dtype(model), device=device)
+    input_ids, attention = _left_pad(prompt_ids, pad, device)
+    cache = KVCache(model.config, len(prompt_ids), input_ids.shape[1] + max_new_tokens, dtype=compute_dtype(model),
+                    device=device)
     logits = model(input_ids, attention_mask=attention, cache=cache, last_only=True)[:, -1].float()
     if n > 1:  # share the prompt: one prefill, n copies of its cache rows
         rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)
@@ -263,18 +283,6 @@ def _check_settings(max_new_tokens, n, temperature, top_p, top_k):
         raise ValueError("n > 1 with temperature=0 would produce n identical greedy samples; set temperature > 0")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
-
-
-def _prompt_seeds(seed: int | Sequence[int] | None, count: int) -> list[int] | None:
-    """One seed per prompt: prompt i of an int seed s gets derive_seed(s, i); a list gives them directly."""
-    if seed is None:
-        return None
-    if isinstance(seed, int):
-        return [derive_seed(seed, i) for i in range(count)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != count:
-        raise ValueError(f"got {len(seeds)} seeds for {count} prompts")
-    return seeds
 
 
 def generate(
@@ -358,6 +366,35 @@ def stream(
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             yield text[len(shown):]
             shown = text
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights a batch-1 decode step reads: every parameter but the embedding table (a lookup
+    reads one row of it), plus the output head if it is tied to that table."""
+    total = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    head = getattr(model, "lm_head", None)
+    if head is not None and getattr(model.config, "tie_word_embeddings", False):
+        total += head.weight.numel() * head.weight.element_size()
+    return total
+
+
+def memory_bandwidth(gigabytes: float = 1.0, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """Bytes per second the machine reads from memory: the best of `repeats` timed sums over a float32
+    tensor of `gigabytes` (far more than any cache). A pure stream, so no kernel's overhead is counted:
+    the roofline of decoding is this divided by `weight_bytes_per_token`."""
+    import time
+
+    x = torch.ones(max(1, int(gigabytes * 1e9) // 4), dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass is a warm-up
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x.sum()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * x.element_size() / best
 
 
 _PACKING_WORKS: dict[torch.dtype, bool] = {}

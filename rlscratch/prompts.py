@@ -57,12 +57,28 @@ def format_prompt(tokenizer, question: str, template: str = "chat") -> str:
     if template == "plain_few_shot":
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in GSM8K_COT_EXEMPLARS)
         return f"{shots}Q: {question}\nA:"
+    return render_chat(tokenizer, chat_messages(question, template))
+
+
+def chat_messages(question: str, template: str = "chat") -> list[dict[str, str]]:
+    """The chat turns of a chat template (any of TEMPLATES but plain and plain_few_shot), ending with the
+    user's question: the start of a conversation that later turns (chapter 4's refinement) extend."""
+    if template not in TEMPLATES or template in ("plain", "plain_few_shot"):
+        raise ValueError(f"{template!r} is not a chat template; choose from {TEMPLATES[1:5]}")
     messages = []
     if template == "few_shot":
         for q, a in GSM8K_COT_EXEMPLARS:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     suffix = {"step_by_step": f"\n{STEP_BY_STEP}", "think": f"\n{THINK}"}.get(template, "")
     messages.append({"role": "user", "content": question + suffix})
+    return messages
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    """A conversation (dicts with "role" and "content", ending with a user turn) through the tokenizer's
+    chat template, ready for the assistant's next turn: the one way the book builds a chat prompt."""
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("a chat prompt must end with a user turn")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

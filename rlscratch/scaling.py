@@ -120,3 +120,21 @@ def self_consistency(model, tokenizer, problems, *, n: int, temperature: float, 
         r["vote"] = majority_vote(r["extracted"], logprobs=r["mean_logprob"])
         r["vote_correct"] = answers_match(r["vote"], r["gold"])
     return records
+
+
+def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval for the mean of per-problem values (e.g. each problem's maj@N, 0/1 or a
+    fraction over subsets): resample the problems with replacement `resamples` times. Seeded: the same
+    values give the same interval."""
+    if not values:
+        raise ValueError("no values to bootstrap")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"bad settings: level={level}, resamples={resamples}")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    low = means[max(0, math.floor(tail * resamples))]
+    high = means[min(resamples - 1, math.ceil((1 - tail) * resamples) - 1)]
+    return low, high

@@ -30,6 +30,7 @@ class Extraction:
 
 
 CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>")
+FALLBACK_RULES = ("last_latex", "last_number")  # guesses, not stated answers
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -78,6 +79,12 @@ def _box_at(text: str, start: int) -> str | None:
     return match.group(0) if match else None
 
 
+def _last_box_unreadable(text: str) -> bool:
+    """Is there a last \\boxed (or \\fbox) whose content cannot be read: "\\boxed{\\frac{1}{2" never closes?"""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    return start >= 0 and _box_at(text, start) is None
+
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ANSWER_CUE = re.compile(r"answer\**\s*(?:is\b\s*:?|:)", re.IGNORECASE)
 
@@ -104,6 +111,8 @@ def extract(text: str) -> Extraction:
         return Extraction(None, "none")
     for marker in CHAT_MARKERS:  # the model ran on into a turn of its own invention: ignore it
         text = text.split(marker, 1)[0]
+    if _last_box_unreadable(text):  # the final answer was begun and never finished: no answer, not a guess
+        return Extraction(None, "malformed_box")
     boxed = _last_boxed(text)
     if boxed is not None and boxed.strip():
         return Extraction(boxed.strip(), "boxed")
@@ -123,8 +132,6 @@ def extract(text: str) -> Extraction:
         return Extraction(numbers[-1].rstrip(","), "last_number")
     return Extraction(None, "none")
 
-
-FALLBACK_RULES = ("last_latex", "last_number")  # guesses, not stated answers
 
 
 def _last_formula(text: str) -> str | None:
@@ -655,6 +662,60 @@ def _negative(x) -> bool:
     return x.b < 0
 
 
+def _add(x: _Complex, y: _Complex) -> _Complex:
+    im = x.im if y.im is None else y.im if x.im is None else x.im + y.im
+    return _Complex(x.re + y.re, im)
+
+
+def _mul(x: _Complex, y: _Complex) -> _Complex:
+    if x.im is None and y.im is None:
+        return _Complex(x.re * y.re)
+    if x.im is None:
+        return _Complex(x.re * y.re, x.re * y.im)
+    if y.im is None:
+        return _Complex(x.re * y.re, x.im * y.re)
+    return _Complex(x.re * y.re - x.im * y.im, x.re * y.im + x.im * y.re)
+
+
+def _reciprocal(x: _Complex, ctx) -> _Complex:
+    if x.im is None:
+        if not (_positive(x.re) or _negative(x.re)):
+            raise _Refused("division by an interval around 0")
+        return _Complex(1 / x.re)
+    norm = x.re * x.re + x.im * x.im
+    if not _positive(norm):
+        raise _Refused("division by an interval around 0")
+    return _Complex(x.re / norm, -x.im / norm)
+
+
+def _exp(x: _Complex, ctx) -> _Complex:
+    if x.re.b > _MAX_EXP_ARG or x.re.a < -_MAX_EXP_ARG:
+        raise _Refused("exponential too large")
+    if x.im is None:
+        return _Complex(ctx.exp(x.re))
+    if _bits(x.im) > 300:
+        raise _Refused("angle too large")
+    r = ctx.exp(x.re)
+    return _Complex(r * ctx.cos(x.im), r * ctx.sin(x.im))
+
+
+def _log(x: _Complex, ctx) -> _Complex:
+    if x.im is None and _positive(x.re):
+        return _Complex(ctx.log(x.re))
+    if x.im is None and _negative(x.re):
+        return _Complex(ctx.log(-x.re), ctx.pi)
+    if x.im is not None and (_positive(x.re) or _positive(x.im) or _negative(x.im)):
+        return _Complex(ctx.log(x.re * x.re + x.im * x.im) / 2, ctx.atan2(x.im, x.re))
+    raise _Refused("logarithm near 0 or on its branch cut")
+
+
+def _power_of(x: _Complex, n: int, ctx) -> _Complex:
+    result = _Complex(ctx.mpf(1))
+    for _ in range(abs(n)):
+        result = _mul(result, x)
+    return _reciprocal(result, ctx) if n < 0 else result
+
+
 def _evaluate(expr, point: dict, ctx, scale: list):
     """A complex interval that contains the exact value of `expr` with symbols set to `point`."""
     _tick()
@@ -718,53 +779,6 @@ def _evaluate(expr, point: dict, ctx, scale: list):
     raise _Refused(f"unsupported function {name}")
 
 
-def _add(x: _Complex, y: _Complex) -> _Complex:
-    im = x.im if y.im is None else y.im if x.im is None else x.im + y.im
-    return _Complex(x.re + y.re, im)
-
-
-def _mul(x: _Complex, y: _Complex) -> _Complex:
-    if x.im is None and y.im is None:
-        return _Complex(x.re * y.re)
-    if x.im is None:
-        return _Complex(x.re * y.re, x.re * y.im)
-    if y.im is None:
-        return _Complex(x.re * y.re, x.im * y.re)
-    return _Complex(x.re * y.re - x.im * y.im, x.re * y.im + x.im * y.re)
-
-
-def _reciprocal(x: _Complex, ctx) -> _Complex:
-    if x.im is None:
-        if not (_positive(x.re) or _negative(x.re)):
-            raise _Refused("division by an interval around 0")
-        return _Complex(1 / x.re)
-    norm = x.re * x.re + x.im * x.im
-    if not _positive(norm):
-        raise _Refused("division by an interval around 0")
-    return _Complex(x.re / norm, -x.im / norm)
-
-
-def _exp(x: _Complex, ctx) -> _Complex:
-    if x.re.b > _MAX_EXP_ARG or x.re.a < -_MAX_EXP_ARG:
-        raise _Refused("exponential too large")
-    if x.im is None:
-        return _Complex(ctx.exp(x.re))
-    if _bits(x.im) > 300:
-        raise _Refused("angle too large")
-    r = ctx.exp(x.re)
-    return _Complex(r * ctx.cos(x.im), r * ctx.sin(x.im))
-
-
-def _log(x: _Complex, ctx) -> _Complex:
-    if x.im is None and _positive(x.re):
-        return _Complex(ctx.log(x.re))
-    if x.im is None and _negative(x.re):
-        return _Complex(ctx.log(-x.re), ctx.pi)
-    if x.im is not None and (_positive(x.re) or _positive(x.im) or _negative(x.im)):
-        return _Complex(ctx.log(x.re * x.re + x.im * x.im) / 2, ctx.atan2(x.im, x.re))
-    raise _Refused("logarithm near 0 or on its branch cut")
-
-
 def _power(base, exponent, point, ctx, scale) -> _Complex:
     b = _evaluate(base, point, ctx, scale)
     if exponent.is_Integer:
@@ -794,13 +808,6 @@ def _power(base, exponent, point, ctx, scale) -> _Complex:
             raise _Refused("power too large")
         return _Complex(ctx.exp(e * ctx.log(b.re)))
     return _exp(_mul(_evaluate(exponent, point, ctx, scale), _log(b, ctx)), ctx)  # b^w = e^(w log b)
-
-
-def _power_of(x: _Complex, n: int, ctx) -> _Complex:
-    result = _Complex(ctx.mpf(1))
-    for _ in range(abs(n)):
-        result = _mul(result, x)
-    return _reciprocal(result, ctx) if n < 0 else result
 
 
 def _apart(x: _Complex, y: _Complex) -> bool:
@@ -1311,7 +1318,7 @@ def score_response(response: str, gold: str, *, truncated: bool = False) -> Scor
     a fallback guess (the last number or formula of unfinished reasoning) is not an answer."""
     found = extract(response)
     answer, rule = found.answer, found.rule
-    if truncated and rule in FALLBACK_RULES:
+    if truncated and (rule in FALLBACK_RULES or rule == "malformed_box"):  # cut off before it finished
         answer, rule = None, "truncated"
     return Score(answer, rule, answers_match(answer, gold))
 

@@ -169,3 +169,88 @@ def test_summary_and_interval():
     s = E.summarize(records)
     assert s["n"] == 10 and s["accuracy"] == 0.5 and s["by_level"][1]["accuracy"] == 1.0
     assert s["by_level"][2]["accuracy"] == 0.0 and s["mean_tokens"] == 10 and s["problems_per_min"] == 60
+
+
+@pytest.mark.parametrize("wins,losses,p", [
+    (0, 0, 1.0), (1, 0, 1.0), (3, 3, 1.0),
+    (5, 0, 2 / 2 ** 5), (0, 5, 2 / 2 ** 5), (6, 0, 2 / 2 ** 6),
+    (9, 4, 2 * (1 + 13 + 78 + 286 + 715) / 2 ** 13),  # C(13, 0..4)
+    (10, 3, 2 * (1 + 13 + 78 + 286) / 2 ** 13), (2, 11, 2 * (1 + 13 + 78) / 2 ** 13),
+    (4, 1, 2 * (1 + 5) / 2 ** 5),
+])
+def test_mcnemar_exact_matches_hand_computed_values(wins, losses, p):
+    assert E.mcnemar_exact(wins, losses) == pytest.approx(p, rel=1e-12)
+
+
+def test_mcnemar_exact_is_exact_far_in_the_tail():
+    # 60 wins, 0 losses: 2 / 2^60, which a normal approximation would not give
+    assert E.mcnemar_exact(60, 0) == 2 / 2 ** 60
+    assert E.mcnemar_exact(500, 480) == pytest.approx(E.mcnemar_exact(480, 500), rel=1e-12)
+    with pytest.raises(ValueError):
+        E.mcnemar_exact(-1, 3)
+
+
+def test_compare_paired_counts_discordant_problems():
+    first = [True, True, False, False, True, True]
+    second = [True, False, True, False, False, False]
+    result = E.compare_paired(first, second)
+    assert (result["n"], result["wins"], result["losses"], result["both"], result["neither"]) == (6, 3, 1, 1, 1)
+    assert result["p_value"] == E.mcnemar_exact(3, 1) == 2 * (1 + 4) / 2 ** 4
+    assert E.compare_paired(second, first)["wins"] == 1  # swapping the runs swaps wins and losses
+    with pytest.raises(ValueError):
+        E.compare_paired([True], [True, False])
+
+
+def test_runs_recorded_before_stages_keep_their_names():
+    """`stage` joined EvalSettings later: a run without one keeps the name and settings file it had."""
+    from pathlib import Path
+
+    runs = Path(__file__).resolve().parent.parent / "data" / "results" / "runs"
+    metas = sorted(runs.glob("*.settings.json"))
+    assert metas, "no recorded runs to check against"
+    for meta in metas:
+        settings = E.EvalSettings(**json.loads(meta.read_text()))
+        name = meta.name.removesuffix(".settings.json")
+        assert settings.run_name(name.split("-", 1)[0]) == name
+        if not settings.stage:
+            assert json.dumps(settings.key(), indent=1) == meta.read_text()
+    staged = E.EvalSettings(model="m", stage="refine-r1")
+    assert "-refine-r1-" in staged.run_name("gsm8k") and staged.run_name("gsm8k") != E.EvalSettings(model="m").run_name("gsm8k")
+
+
+def test_own_prompts_need_a_stage_and_are_recorded(tiny_model, tokenizer, tmp_path):
+    prompts = [format_prompt(tokenizer, p.question + " Be brief.", "chat") for p in PROBLEMS[:2]]
+    with pytest.raises(ValueError, match="stage"):
+        E.evaluate(tiny_model, tokenizer, PROBLEMS[:2], E.EvalSettings(model="tiny", max_new_tokens=3), run_dir=tmp_path,
+                   prompts=prompts, progress=False)
+    settings = E.EvalSettings(model="tiny", max_new_tokens=3, stage="brief")
+    with pytest.raises(ValueError, match="2 problems"):
+        E.evaluate(tiny_model, tokenizer, PROBLEMS[:2], settings, run_dir=tmp_path, prompts=prompts[:1], progress=False)
+    records = E.evaluate(tiny_model, tokenizer, PROBLEMS[:2], settings, run_dir=tmp_path, prompts=prompts,
+                         progress=False, token_logprobs=True)
+    assert [r["prompt"] for r in records] == prompts
+    for r in records:
+        assert len(r["token_ids"][0]) == len(r["logprobs"][0]) == r["tokens"][0]
+        assert sum(r["logprobs"][0]) / r["tokens"][0] == pytest.approx(r["mean_logprob"][0], abs=1e-3)
+
+
+def test_records_are_reused_only_for_their_prompt(tiny_model, tokenizer, tmp_path, monkeypatch):
+    settings = E.EvalSettings(model="tiny", max_new_tokens=3, stage="s")
+    first = [format_prompt(tokenizer, p.question, "chat") for p in PROBLEMS[:3]]
+    E.evaluate(tiny_model, tokenizer, PROBLEMS[:3], settings, run_dir=tmp_path, prompts=first, progress=False)
+    calls = []
+    real_generate = E.generate
+    monkeypatch.setattr(E, "generate", lambda m, t, prompts, **kw: calls.append(list(prompts)) or real_generate(m, t, prompts, **kw))
+    changed = [first[0], format_prompt(tokenizer, "Something else?", "chat"), first[2]]
+    records = E.evaluate(tiny_model, tokenizer, PROBLEMS[:3], settings, run_dir=tmp_path, prompts=changed, progress=False)
+    assert calls == [[changed[1]]] and [r["prompt"] for r in records] == changed
+    calls.clear()  # records without per-token log-probs are redone when they are asked for
+    records = E.evaluate(tiny_model, tokenizer, PROBLEMS[:3], settings, run_dir=tmp_path, prompts=changed, progress=False,
+                         token_logprobs=True)
+    assert len(calls) == 1 and len(calls[0]) == 3 and all("logprobs" in r for r in records)
+    log = next(tmp_path.glob("*.jsonl"))
+    calls.clear()
+    again = E.evaluate(tiny_model, tokenizer, PROBLEMS[:3], settings, run_dir=tmp_path, prompts=changed, progress=False,
+                       token_logprobs=True)
+    assert calls == [] and again == records
+    assert sorted(json.loads(line)["id"] for line in log.read_text().splitlines()) == ["p0", "p1", "p2"]  # one each

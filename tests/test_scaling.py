@@ -53,3 +53,22 @@ def test_sampling_reproducible_under_seed(tiny_model, tokenizer):
     b = generate(tiny_model, tokenizer, prompt, max_new_tokens=6, temperature=0.9, top_p=0.95, n=4, seed=11)
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert len({tuple(x.token_ids) for x in a}) > 1  # the samples differ from each other
+
+
+def test_bootstrap_interval_over_problems():
+    from rlscratch.scaling import bootstrap_interval
+
+    solved = [1.0] * 100 + [0.0] * 100  # 200 problems, half solved
+    low, high = bootstrap_interval(solved, seed=3)
+    assert (low, high) == bootstrap_interval(solved, seed=3)  # seeded: reproducible
+    assert low < 0.5 < high and 0.05 < (high - low) / 2 < 0.09  # about 1.96 * sqrt(0.25 / 200) = 0.069
+    narrow = bootstrap_interval(solved, level=0.5, seed=3)
+    assert low <= narrow[0] < narrow[1] <= high
+    assert bootstrap_interval([0.7] * 30) == pytest.approx((0.7, 0.7))  # no spread, no width
+    # two problems, one solved: resampled means are 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4
+    assert bootstrap_interval([0.0, 1.0], seed=0) == (0.0, 1.0)
+    assert bootstrap_interval([0.0, 1.0], level=0.4, seed=0) == (0.5, 0.5)
+    with pytest.raises(ValueError):
+        bootstrap_interval([])
+    with pytest.raises(ValueError):
+        bootstrap_interval([1.0], level=1.0)

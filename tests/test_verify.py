@@ -25,7 +25,7 @@ from rlscratch.verify import (Extraction, Score, answers_match, extract, extract
     ("\\[ 9 \\& 2 = \\sqrt{2} \\]", Extraction("\\sqrt{2}", "last_latex")),
     ("total: $29 \\times 2 = 58 \\text{ dollars}$", Extraction("58", "last_number")),  # text in the formula: not a bare value
     ("I have no idea", Extraction(None, "none")),
-    ("unbalanced \\boxed{\\frac{1}{2", Extraction("2", "last_number")),
+    ("unbalanced \\boxed{\\frac{1}{2", Extraction(None, "malformed_box")),  # not last_number "2": see chapter 02
 ])
 def test_extraction_rules(text, expected):
     assert extract(text) == expected
@@ -332,3 +332,19 @@ def test_garbage_collection_does_not_count_against_the_budget(monkeypatch):
         assert answers_match("\\sqrt{3+2\\sqrt{2}}", "1+\\sqrt{2}")
     finally:
         gc.callbacks.remove(slow_collection)
+
+
+def test_an_unclosed_last_box_is_no_answer():
+    """"\\boxed{\\frac{1}{2}" never closes: no answer (not last_number "2", a fragment of one half)."""
+    malformed = "so the answer is \\boxed{\\frac{1}{2}"
+    assert extract(malformed) == Extraction(None, "malformed_box")
+    assert not grade(malformed, "2") and not grade(malformed, "\\frac{1}{2}")
+    assert score_response(malformed, "2") == Score(None, "malformed_box", False)
+    assert score_response(malformed, "2", truncated=True) == Score(None, "truncated", False)
+    # an earlier, readable box is not used either: the model's final answer is the unfinished one
+    assert extract("first \\boxed{3}, then finally \\boxed{4").answer is None
+    assert extract("the answer is \\boxed").rule == "malformed_box"  # a box with nothing after it
+    # readable boxes are untouched, including an empty one (the model quoting the instruction)
+    assert extract("\\boxed{\\frac{1}{2}}") == Extraction("\\frac{1}{2}", "boxed")
+    assert extract("put it in \\boxed{}. The answer is 5.") == Extraction("5", "answer_is")
+    assert extract("\\boxed{7} <|im_end|> \\boxed{8") == Extraction("7", "boxed")  # cut at the chat marker first

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/env.sh  # choose (or create) the Python environment, and say which
 bash tools/setup.sh  # install into it
+bash tools/browser.sh  # Chromium for the website check (tests/test_site.py)
 if [ -z "${RLSCRATCH_DATA:-}" ] && [ -d ../shared/data ]; then
   export RLSCRATCH_DATA="$(cd ../shared/data && pwd)"
 fi

@@ -79,6 +79,48 @@ for gold, pred in pairs:
 # optimised to do. So the grader's first rule is: **never accept what is not equal**; its second is
 # to accept every way of writing what is.
 #
+# The whole pipeline at a glance; sections 2 to 4 build it box by box.
+
+# %%
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyBboxPatch
+
+stages = [  # (x, y, title, what it does)
+    (0, 1, "response", "the model's text"),
+    (1, 1, "cut", "at the first chat-template\nmarker (<|im_end|>, ...)"),
+    (2, 1, "extract", "\\boxed{} > #### > 'answer is'\n> last formula > last number\n(the rule is recorded)"),
+    (3, 1, "truncated?", "a response cut off by the\ntoken limit: a fallback\nguess is no answer"),
+    (0, 0, "gold answer", "from the dataset"),
+    (1, 0, "normalize", "LaTeX decoration, units,\nseparators, unicode"),
+    (2, 0, "shape", "value, list, set, interval,\nrelation, tuple, matrix"),
+    (3, 0, "parse + compare", "whitelist parser -> SymPy;\nexact rationals, intervals,\nrandom points"),
+    (4, 0, "verdict", "True or False\n(refused or out of time:\nFalse)"),
+]
+box_w, box_h = 0.82, 0.62
+fig, ax = plt.subplots(figsize=(14, 4.2))
+centres = {}
+for x, y, title, detail in stages:
+    colour = "C1" if title in ("response", "gold answer") else "C2" if title == "verdict" else "C0"
+    ax.add_patch(FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
+                                facecolor=colour, alpha=0.18, edgecolor=colour))
+    ax.text(x, y + 0.19, title, ha="center", va="center", fontsize=10, weight="bold")
+    ax.text(x, y - 0.08, detail, ha="center", va="center", fontsize=7.5)
+    centres[title] = (x, y)
+for a, b in [("response", "cut"), ("cut", "extract"), ("extract", "truncated?"), ("gold answer", "normalize"),
+             ("normalize", "shape"), ("shape", "parse + compare"), ("parse + compare", "verdict")]:
+    (x0, y0), (x1, y1) = centres[a], centres[b]
+    ax.annotate("", xy=(x1 - box_w / 2, y1), xytext=(x0 + box_w / 2, y0), arrowprops=dict(arrowstyle="->", lw=1.3))
+ax.annotate("", xy=(1.12, box_h / 2), xytext=(3, 1 - box_h / 2),
+            arrowprops=dict(arrowstyle="->", lw=1.3, connectionstyle="arc3,rad=0.15"))
+ax.text(2.1, 0.5, "the extracted answer (or none)", fontsize=8, ha="center")
+ax.text(4, 1, "score_response: the one\nscoring rule, for evaluation\nand for rewards", ha="center", va="center",
+        fontsize=8, style="italic")
+ax.set(xlim=(-0.5, 4.5), ylim=(-0.45, 1.45))
+ax.set_title("the verifier: from a response to a verdict", fontsize=11)
+ax.axis("off")
+plt.show()
+
+# %% [markdown]
 # ## 2. Extraction
 #
 # The model's response is a few hundred tokens of reasoning. We look for the final answer with a
@@ -92,10 +134,22 @@ for gold, pred in pairs:
 # | `answer_is` | `The answer is 42.`, `Final answer: 42`, `**Final Answer:** 45 apples`, `The answer is 90 seconds (that is, ...)` (the sentence after the last cue, without a trailing remark in parentheses) |
 # | `last_latex` | `... so the area is \(\frac{3\sqrt{3}}{4}\).` (the right-hand side of the last formula, if it looks like a value, or a single word: `$even$`) |
 # | `last_number` | the last number in the text, a weak fallback |
+# | `malformed_box` | *no answer*: the last `\boxed{` never closes (decided below) |
 #
 # Before any rule, the response is cut at the first chat-template marker (`<|im_start|>`,
 # `<|im_end|>`, ...): a small model sometimes writes its answer and then goes on to invent the next
 # user turn, with answers of its own that are not answers to our question.
+#
+# **A box that never closes.** What should `... so the answer is \boxed{\frac{1}{2}` (the last box
+# is opened and never closed) give? Left to the rules above, no box is readable, so the
+# `last_number` fallback answers `2`: a fragment of the answer the model began to write, which was
+# one half. If the gold answer is 2, that is a reward for a wrong answer. We decide: **an unreadable
+# last box means the response has no answer** (rule `malformed_box`). The model announced its final
+# answer there, so neither an earlier box (it may have changed its mind) nor a stray number is a
+# safer guess. The cost is a false negative in the rare case where the fragment happens to be the
+# answer, which is the side a reward should err on. (In the stored runs of chapters 2 and 3, every
+# unclosed last box comes from a response cut off by the token limit, which already yields no answer;
+# the rule matters for responses that end by themselves.)
 #
 # The last two rules are *fallbacks*: they guess. The scoring rule of section 4 therefore ignores
 # them when a response was cut off by the token limit: a truncated response never reached its
@@ -135,6 +189,7 @@ class Extraction:
 
 
 CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>")
+FALLBACK_RULES = ("last_latex", "last_number")  # guesses, not stated answers
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -183,6 +238,32 @@ def _box_at(text: str, start: int) -> str | None:
     return match.group(0) if match else None
 
 
+def _last_box_unreadable(text: str) -> bool:
+    """Is there a last \\boxed (or \\fbox) whose content cannot be read: "\\boxed{\\frac{1}{2" never closes?"""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    return start >= 0 and _box_at(text, start) is None
+
+
+# %% [markdown]
+# A first check of the box reader: nested braces, boxes joined into a list, a box without braces, and
+# one that never closes.
+
+# %%
+for text in ["so \\boxed{\\frac{3}{4}}.", "$x = \\boxed{3}$ or $x = \\boxed{-4}$", "\\boxed 5 apples",
+             "we try \\boxed{1} first; finally \\boxed{\\sqrt{2}}", "\\boxed{\\frac{1}{2"]:
+    print(f"{text!r:55} -> last box {_last_boxed(text)!r:18} unreadable: {_last_box_unreadable(text)}")
+assert _braced("{a{b}c}d", 0) == "a{b}c" and _braced("{a{b}", 0) is None
+assert _last_boxed("so \\boxed{\\frac{3}{4}}.") == "\\frac{3}{4}"
+assert _last_boxed("$x = \\boxed{3}$ or $x = \\boxed{-4}$") == "3, -4"
+assert _last_boxed("we try \\boxed{1} first; finally \\boxed{\\sqrt{2}}") == "\\sqrt{2}"  # not joined: words between
+assert _last_boxed("\\boxed{\\frac{1}{2") is None and _last_box_unreadable("\\boxed{\\frac{1}{2")
+
+# %% [markdown]
+# Next, the answer stated in words: the sentence after the last "answer is" or "answer:", without a
+# trailing remark in parentheses.
+
+# %%
+#| export: verify
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ANSWER_CUE = re.compile(r"answer\**\s*(?:is\b\s*:?|:)", re.IGNORECASE)
 
@@ -203,12 +284,26 @@ def _stated_answer(text: str) -> str | None:
     return rest or None
 
 
+# %%
+for text in ["The answer is 72.", "**Final Answer:** 45 apples", "The final answer is: $\\frac{1}{2}$.",
+             "It takes 90 s. The answer is 90 seconds (that is, a minute and a half).", "No cue here: 7"]:
+    print(f"{text!r:75} -> {_stated_answer(text)!r}")
+assert _stated_answer("The answer is 72.") == "72" and _stated_answer("No cue here: 7") is None
+assert _stated_answer("It takes 90 s. The answer is 90 seconds (that is, a minute and a half).") == "90 seconds"
+
+# %% [markdown]
+# `extract` tries the rules in order; the last formula and the last number are the fallbacks.
+
+# %%
+#| export: verify
 def extract(text: str) -> Extraction:
     """Find the final answer in a response, and which rule found it."""
     if not isinstance(text, str):
         return Extraction(None, "none")
     for marker in CHAT_MARKERS:  # the model ran on into a turn of its own invention: ignore it
         text = text.split(marker, 1)[0]
+    if _last_box_unreadable(text):  # the final answer was begun and never finished: no answer, not a guess
+        return Extraction(None, "malformed_box")
     boxed = _last_boxed(text)
     if boxed is not None and boxed.strip():
         return Extraction(boxed.strip(), "boxed")
@@ -228,8 +323,6 @@ def extract(text: str) -> Extraction:
         return Extraction(numbers[-1].rstrip(","), "last_number")
     return Extraction(None, "none")
 
-
-FALLBACK_RULES = ("last_latex", "last_number")  # guesses, not stated answers
 
 
 def _last_formula(text: str) -> str | None:
@@ -285,6 +378,7 @@ assert extract(examples[5]) == Extraction("\\frac{3\\sqrt{3}}{4}", "last_latex")
 assert extract(examples[8]) == Extraction("3, -4", "boxed") and extract(examples[9]) == Extraction("45 apples", "answer_is")
 assert extract(examples[10]).answer == "90 seconds" and extract(examples[11]).answer == "5"
 assert extract(examples[12]) == Extraction("even", "last_latex")
+assert extract(examples[7]) == Extraction(None, "malformed_box")  # not last_number "2": see the decision above
 
 # %% [markdown]
 # ## 3. Normalization
@@ -621,6 +715,26 @@ def _latex_to_infix(s: str) -> str:
     return "".join(out)
 
 
+# %% [markdown]
+# The first stage in action, and what it refuses:
+
+# %%
+for latex in ["\\frac{1}{2}", "3\\sqrt{13}", "\\sqrt[3]{-8}", "\\log_2 8", "\\binom{5}{2}", "2\\pi r^{2}"]:
+    print(f"{latex!r:20} -> {_latex_to_infix(latex)!r}")
+for bad in ["\\unknown{3}", "x_1", "\\frac{1}{"]:
+    try:
+        _latex_to_infix(bad)
+        raise AssertionError(f"{bad!r} should be refused")
+    except _Unparsable as err:
+        print(f"{bad!r:20} -> refused: {err}")
+
+# %% [markdown]
+# The tokenizer splits the infix text into numbers, names and operators (`xy` is two variables,
+# `3.1e8` one number). Powers are computed only after a size check: the number of digits of the
+# result is estimated first, and anything beyond `MAX_DIGITS` is refused, not attempted.
+
+# %%
+#| export: verify
 _TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([a-zA-Z]+)|(\*\*|[-+*/^()!|,]))")
 _NAMES = set(_FUNCTIONS) | set(_CONSTANTS) | _GREEK | {"binom", "root"}
 
@@ -675,6 +789,25 @@ def _root(value, index):
     return _safe_pow(value, 1 / index)
 
 
+# %%
+print(_tokens("3x^2 + 2pi - sqrt(2)"))
+assert _tokens("2pi") == [("num", "2"), ("name", "pi")] and _tokens("xy") == [("name", "x"), ("name", "y")]
+assert _tokens("3.1e8") == [("num", "3.1e8")]
+for base, exponent in [(9, 9 ** 9), (10, 3000)]:
+    try:
+        _safe_pow(sympy.Integer(base), sympy.Integer(exponent))
+        raise AssertionError("should be refused")
+    except _Unparsable as err:
+        print(f"{base}^{exponent}: refused before computing ({err})")
+assert _safe_pow(sympy.Integer(2), sympy.Integer(10)) == 1024 and _root(sympy.Integer(-8), sympy.Integer(3)) == -2
+
+# %% [markdown]
+# The parser itself is a textbook recursive descent, one method per precedence level: `expr`
+# (`+ -`), `term` (`* /` and implicit multiplication), `unary` (a sign), `power` (`^`, right
+# associative), `postfix` (`!`), `atom` (numbers, names, functions, parentheses, `|x|`).
+
+# %%
+#| export: verify
 class _Parser:
     def __init__(self, tokens):
         self.tokens, self.i = tokens, 0
@@ -802,6 +935,22 @@ class _Parser:
         raise _Unparsable(f"unexpected {text!r}")
 
 
+# %%
+def parse_tokens(text):
+    return _Parser(_tokens(text)).parse()
+
+
+for text in ["(1+2)(3+4)", "2^3^2", "-2^2", "5!", "|-3|", "2/3", "3x^2 + 1"]:
+    print(f"{text!r:12} -> {parse_tokens(text)}")
+assert parse_tokens("(1+2)(3+4)") == 21 and parse_tokens("2^3^2") == 512 and parse_tokens("-2^2") == -4
+assert parse_tokens("5!") == 120 and parse_tokens("|-3|") == 3 and parse_tokens("2/3") == sympy.Rational(2, 3)
+
+# %% [markdown]
+# Last, the entry points: mixed numbers are rewritten before parsing, `_parse` caches its results,
+# and `parse_math` runs it under the time limit.
+
+# %%
+#| export: verify
 _MIXED = re.compile(r"(?<![\w.^}/])(\d+)\s*\\frac\s*(?:\{(\d+)\}|(\d))\s*(?:\{(\d+)\}|(\d))")
 _PLAIN_MIXED = re.compile(r"(?<![\w.^}/])(\d+)\s+(\d+)\s*/\s*(\d+)(?![\d.])")
 
@@ -930,6 +1079,87 @@ def _negative(x) -> bool:
     return x.b < 0
 
 
+def _add(x: _Complex, y: _Complex) -> _Complex:
+    im = x.im if y.im is None else y.im if x.im is None else x.im + y.im
+    return _Complex(x.re + y.re, im)
+
+
+def _mul(x: _Complex, y: _Complex) -> _Complex:
+    if x.im is None and y.im is None:
+        return _Complex(x.re * y.re)
+    if x.im is None:
+        return _Complex(x.re * y.re, x.re * y.im)
+    if y.im is None:
+        return _Complex(x.re * y.re, x.im * y.re)
+    return _Complex(x.re * y.re - x.im * y.im, x.re * y.im + x.im * y.re)
+
+
+def _reciprocal(x: _Complex, ctx) -> _Complex:
+    if x.im is None:
+        if not (_positive(x.re) or _negative(x.re)):
+            raise _Refused("division by an interval around 0")
+        return _Complex(1 / x.re)
+    norm = x.re * x.re + x.im * x.im
+    if not _positive(norm):
+        raise _Refused("division by an interval around 0")
+    return _Complex(x.re / norm, -x.im / norm)
+
+
+def _exp(x: _Complex, ctx) -> _Complex:
+    if x.re.b > _MAX_EXP_ARG or x.re.a < -_MAX_EXP_ARG:
+        raise _Refused("exponential too large")
+    if x.im is None:
+        return _Complex(ctx.exp(x.re))
+    if _bits(x.im) > 300:
+        raise _Refused("angle too large")
+    r = ctx.exp(x.re)
+    return _Complex(r * ctx.cos(x.im), r * ctx.sin(x.im))
+
+
+def _log(x: _Complex, ctx) -> _Complex:
+    if x.im is None and _positive(x.re):
+        return _Complex(ctx.log(x.re))
+    if x.im is None and _negative(x.re):
+        return _Complex(ctx.log(-x.re), ctx.pi)
+    if x.im is not None and (_positive(x.re) or _positive(x.im) or _negative(x.im)):
+        return _Complex(ctx.log(x.re * x.re + x.im * x.im) / 2, ctx.atan2(x.im, x.re))
+    raise _Refused("logarithm near 0 or on its branch cut")
+
+
+def _power_of(x: _Complex, n: int, ctx) -> _Complex:
+    result = _Complex(ctx.mpf(1))
+    for _ in range(abs(n)):
+        result = _mul(result, x)
+    return _reciprocal(result, ctx) if n < 0 else result
+
+
+# %% [markdown]
+# The arithmetic of intervals, checked: 1/3 is not a binary fraction, so its interval has a (tiny)
+# width; i·i is exactly -1; the logarithm of -1 is iπ; dividing by an interval around zero is refused.
+
+# %%
+ctx = _ctx(64)
+third = _Complex(ctx.mpf(1) / 3)
+print("1/3 at 64 bits:", third.re)
+assert third.re.a < third.re.b  # a (tiny) interval, not a point
+square = _mul(_Complex(ctx.mpf(0), ctx.mpf(1)), _Complex(ctx.mpf(0), ctx.mpf(1)))
+print("i * i:", square.re, "+", square.im, "i")
+assert square.re.a == square.re.b == -1 and square.im.a == square.im.b == 0
+log_minus_one = _log(_Complex(ctx.mpf(-1)), ctx)
+print("log(-1):", log_minus_one.re, "+", log_minus_one.im, "i")
+assert log_minus_one.im.a < 3.14159266 and log_minus_one.im.b > 3.14159265
+try:
+    _reciprocal(_Complex(ctx.mpf([-1, 1])), ctx)
+    raise AssertionError("should be refused")
+except _Refused as err:
+    print("1 / [-1, 1]: refused,", err)
+
+# %% [markdown]
+# `_evaluate` walks a SymPy expression and returns a complex interval that contains its exact value
+# (`scale` records the size of the largest term of a sum, which decides the precision needed later).
+
+# %%
+#| export: verify
 def _evaluate(expr, point: dict, ctx, scale: list):
     """A complex interval that contains the exact value of `expr` with symbols set to `point`."""
     _tick()
@@ -993,53 +1223,6 @@ def _evaluate(expr, point: dict, ctx, scale: list):
     raise _Refused(f"unsupported function {name}")
 
 
-def _add(x: _Complex, y: _Complex) -> _Complex:
-    im = x.im if y.im is None else y.im if x.im is None else x.im + y.im
-    return _Complex(x.re + y.re, im)
-
-
-def _mul(x: _Complex, y: _Complex) -> _Complex:
-    if x.im is None and y.im is None:
-        return _Complex(x.re * y.re)
-    if x.im is None:
-        return _Complex(x.re * y.re, x.re * y.im)
-    if y.im is None:
-        return _Complex(x.re * y.re, x.im * y.re)
-    return _Complex(x.re * y.re - x.im * y.im, x.re * y.im + x.im * y.re)
-
-
-def _reciprocal(x: _Complex, ctx) -> _Complex:
-    if x.im is None:
-        if not (_positive(x.re) or _negative(x.re)):
-            raise _Refused("division by an interval around 0")
-        return _Complex(1 / x.re)
-    norm = x.re * x.re + x.im * x.im
-    if not _positive(norm):
-        raise _Refused("division by an interval around 0")
-    return _Complex(x.re / norm, -x.im / norm)
-
-
-def _exp(x: _Complex, ctx) -> _Complex:
-    if x.re.b > _MAX_EXP_ARG or x.re.a < -_MAX_EXP_ARG:
-        raise _Refused("exponential too large")
-    if x.im is None:
-        return _Complex(ctx.exp(x.re))
-    if _bits(x.im) > 300:
-        raise _Refused("angle too large")
-    r = ctx.exp(x.re)
-    return _Complex(r * ctx.cos(x.im), r * ctx.sin(x.im))
-
-
-def _log(x: _Complex, ctx) -> _Complex:
-    if x.im is None and _positive(x.re):
-        return _Complex(ctx.log(x.re))
-    if x.im is None and _negative(x.re):
-        return _Complex(ctx.log(-x.re), ctx.pi)
-    if x.im is not None and (_positive(x.re) or _positive(x.im) or _negative(x.im)):
-        return _Complex(ctx.log(x.re * x.re + x.im * x.im) / 2, ctx.atan2(x.im, x.re))
-    raise _Refused("logarithm near 0 or on its branch cut")
-
-
 def _power(base, exponent, point, ctx, scale) -> _Complex:
     b = _evaluate(base, point, ctx, scale)
     if exponent.is_Integer:
@@ -1071,13 +1254,20 @@ def _power(base, exponent, point, ctx, scale) -> _Complex:
     return _exp(_mul(_evaluate(exponent, point, ctx, scale), _log(b, ctx)), ctx)  # b^w = e^(w log b)
 
 
-def _power_of(x: _Complex, n: int, ctx) -> _Complex:
-    result = _Complex(ctx.mpf(1))
-    for _ in range(abs(n)):
-        result = _mul(result, x)
-    return _reciprocal(result, ctx) if n < 0 else result
+# %%
+root2 = _evaluate(parse_math("\\sqrt{2}"), {}, _ctx(64), [0]).re
+print("an interval around sqrt(2):", root2)
+assert root2.a * root2.a <= 2 <= root2.b * root2.b  # it really contains sqrt(2)
+tiny = _evaluate(parse_math("e^{-100}"), {}, _ctx(200), [0]).re
+print("e^{-100} lies in", tiny)
+assert tiny.a > 0  # tiny, but provably not zero
 
+# %% [markdown]
+# Finally the comparison: two intervals that do not overlap prove two values different; with
+# variables, the comparison is repeated at random rational points.
 
+# %%
+#| export: verify
 def _apart(x: _Complex, y: _Complex) -> bool:
     """Do two complex intervals certainly hold different numbers?"""
     zero = x.re * 0
@@ -1174,7 +1364,6 @@ def _proportional(a, b, *, positive: bool = False) -> bool:
 for pred, gold in near_misses + [("3\\sqrt{13}", "\\sqrt{117}"), ("\\sqrt{3+2\\sqrt{2}}", "1+\\sqrt{2}"),
                                  ("e^{-100}", "0"), ("\\csc^2 t", "1+\\cot^2 t"), ("\\sqrt{x^2}", "x")]:
     print(f"{pred:34} vs {gold:11}  equal: {_same_value(parse_math(pred), parse_math(gold))}")
-print("an interval around sqrt(2):", _evaluate(parse_math("\\sqrt{2}"), {}, _ctx(64), [0]).re)
 assert not any(_same_value(parse_math(p), parse_math(g)) for p, g in near_misses)
 assert _same_value(parse_math("\\sqrt{3+2\\sqrt{2}}"), parse_math("1+\\sqrt{2}"))
 assert _same_value(parse_math("\\csc^2 t"), parse_math("1+\\cot^2 t")) and not _same_value(parse_math("\\sqrt{x^2}"), parse_math("x"))
@@ -1259,6 +1448,19 @@ def _equation(s: str):
     return (lhs, rhs) if lhs and rhs else None
 
 
+# %%
+assert _split_top_level("(1, 2), [3, 4)") == ["(1, 2)", "[3, 4)"]
+assert _parts("x=3 or x=-4") == ["x=3", "x=-4"] and _parts("2 \\pm \\sqrt{3}") == ["2 + \\sqrt{3}", "2 - \\sqrt{3}"]
+assert _relation("2 < x <= 5") == (["2", "x", "5"], ["<", "<="]) and _relation("y = 2x") is None
+assert _equation("y = 2x + 1") == ("y", "2x + 1") and _equation("a = b = c") is None
+print("lists, relations and equations are split as expected")
+
+# %% [markdown]
+# Regions: intervals, finite sets, their unions, intersections and differences, and linear
+# inequalities in one variable, all as SymPy sets.
+
+# %%
+#| export: verify
 def _linear_solution(f, strict: bool):
     """The set where f > 0 (f >= 0 if not strict), for f linear in one variable; None otherwise."""
     symbols = list(f.free_symbols)
@@ -1383,6 +1585,17 @@ def _same_region(a, b) -> bool:
     return True
 
 
+# %%
+for text in ["x >= 2", "2 < x <= 5", "x < 2 or x > 5", "(0,10) \\setminus \\{4\\}", "(2, \\infty) \\cup (-\\infty, 1)"]:
+    print(f"{text!r:35} -> {_region(text)}")
+assert _same_region(_region("(0,10) \\setminus \\{4\\}"), _region("(0,4)\\cup(4,10)"))
+assert not _same_region(_region("[2, 5]"), _region("[2, 5)"))
+
+# %% [markdown]
+# Matrices: each cell is parsed; a linear combination of matrices is evaluated to one matrix.
+
+# %%
+#| export: verify
 _MATRIX = re.compile(r"\\begin\{(pmatrix|bmatrix|Bmatrix|matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", re.S)
 
 
@@ -1428,10 +1641,17 @@ def _same_matrix(a, b) -> bool:
     return (len(a) == len(b) and all(len(r) == len(q) for r, q in zip(a, b))
             and all(_same_value(u, v) for r, q in zip(a, b) for u, v in zip(r, q)))
 
+# %%
+combination = "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix} + 2\\begin{pmatrix} 1 & 0 \\\\ 0 & 1 \\end{pmatrix}"
+print(_matrix(combination))
+assert _matrix(combination) == [[3, 2], [3, 6]]
+assert _matrix("\\begin{vmatrix} 1 & 2 \\\\ 3 & 4 \\end{vmatrix}") == "text"  # a determinant is not a matrix
+
 # %% [markdown]
-# Finally the public functions. `score_response` is **the one scoring rule** of the book: the
-# evaluation harness (section 7) and the reward of chapter 5 both call it, so a truncated response
-# is treated the same way in both. `grade` is its yes/no form.
+# ### 4.5 Putting it together
+#
+# First the comparison of two single values (a scalar shape), with the one tolerance we allow:
+# decimal approximations with at least six significant digits.
 
 # %%
 #| export: verify
@@ -1515,6 +1735,19 @@ def _scalar_match(pred: str, gold: str) -> bool:
     return _same_value(a, b)
 
 
+# %%
+assert _approximation_matches("0.333333", parse_math("\\frac{1}{3}")) and not _approximation_matches("0.333", parse_math("\\frac{1}{3}"))
+assert _approximation_matches("3.14159", parse_math("\\pi")) and not _approximation_matches("17.99999", parse_math("18"))
+for pred, gold in [("50%", "0.5"), ("1010_2", "10"), ("y = 2x + 1", "2y - 4x = 2"), ("7 >= y", "y <= 7")]:
+    print(f"{pred!r:14} vs {gold!r:14} -> {_scalar_match(pred, gold)}")
+    assert _scalar_match(pred, gold)
+
+# %% [markdown]
+# Then the dispatch on shapes, and the public comparison `answers_match`, which never raises and
+# runs under the time limit.
+
+# %%
+#| export: verify
 def _shape(s: str) -> str:
     if "\\begin" in s:
         return "matrix"
@@ -1617,6 +1850,20 @@ def answers_match(pred: str | None, gold: str | None) -> bool:
         return False
 
 
+# %%
+for text in ["1, 2", "(1, 2)", "[2, 5)", "\\{1\\}", "x >= 2", "(0,4) \\cup (4,10)", "\\begin{pmatrix} 1 \\end{pmatrix}", "7"]:
+    print(f"{text!r:36} -> {_shape(text)}")
+assert [_shape(t) for t in ("1, 2", "(1, 2)", "x >= 2", "7")] == ["list", "tuple", "relation", "scalar"]
+assert answers_match("x=3 \\text{ or } x=-4", "\\{3, -4\\}") and not answers_match("(1, 2)", "(2, 1)")
+assert answers_match(None, "5") is False and answers_match("\\frac{1}{0}", "1") is False  # never raises
+
+# %% [markdown]
+# Finally `score_response`, **the one scoring rule** of the book: the evaluation harness
+# (section 7) and the reward of chapter 5 both call it, so a truncated response is treated the
+# same way in both. `grade` is its yes/no form.
+
+# %%
+#| export: verify
 @dataclasses.dataclass(frozen=True)
 class Score:
     answer: str | None  # the extracted answer (None if there is none, or only a guess from a cut-off response)
@@ -1630,7 +1877,7 @@ def score_response(response: str, gold: str, *, truncated: bool = False) -> Scor
     a fallback guess (the last number or formula of unfinished reasoning) is not an answer."""
     found = extract(response)
     answer, rule = found.answer, found.rule
-    if truncated and rule in FALLBACK_RULES:
+    if truncated and (rule in FALLBACK_RULES or rule == "malformed_box"):  # cut off before it finished
         answer, rule = None, "truncated"
     return Score(answer, rule, answers_match(answer, gold))
 
@@ -1641,6 +1888,16 @@ def grade(response: str, gold: str, *, dataset: str = "gsm8k", truncated: bool =
     if dataset not in ("gsm8k", "math"):
         raise ValueError(f"dataset must be 'gsm8k' or 'math', got {dataset!r}")
     return score_response(response, gold, truncated=truncated).correct
+
+# %%
+unfinished = "In May she sold 48 / 2 = 24 clips, so in April and May together she sold 48 + 24"
+print("not marked truncated:", score_response(unfinished, "24"))
+print("marked truncated:    ", score_response(unfinished, "24", truncated=True))
+assert score_response(unfinished, "24").correct and not score_response(unfinished, "24", truncated=True).correct
+malformed = "So the answer is \\boxed{\\frac{1}{2"
+print("unclosed box:        ", score_response(malformed, "2"))
+assert not grade(malformed, "2") and not grade(malformed, "\\frac{1}{2}")  # no answer: never a reward
+assert score_response(malformed, "2", truncated=True).rule == "truncated"
 
 # %% [markdown]
 # ### The verifier's report card
@@ -1972,6 +2229,10 @@ assert all(parse_math(p.answer) is not None for p in gsm8k)
 # Chapter 3 uses three more: `think` (the chat template plus "Let's think step by step."),
 # `few_shot` and `plain_few_shot` (eight worked examples before the question, as chat turns or as
 # raw text).
+#
+# A chat template's turns are built as a list of messages (`chat_messages`) and rendered by one
+# function, `render_chat`, the only place a conversation goes through the tokenizer's chat template;
+# chapter 4 extends such a conversation with the model's own answers and feedback on them.
 
 # %%
 #| export: prompts
@@ -2031,12 +2292,28 @@ def format_prompt(tokenizer, question: str, template: str = "chat") -> str:
     if template == "plain_few_shot":
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in GSM8K_COT_EXEMPLARS)
         return f"{shots}Q: {question}\nA:"
+    return render_chat(tokenizer, chat_messages(question, template))
+
+
+def chat_messages(question: str, template: str = "chat") -> list[dict[str, str]]:
+    """The chat turns of a chat template (any of TEMPLATES but plain and plain_few_shot), ending with the
+    user's question: the start of a conversation that later turns (chapter 4's refinement) extend."""
+    if template not in TEMPLATES or template in ("plain", "plain_few_shot"):
+        raise ValueError(f"{template!r} is not a chat template; choose from {TEMPLATES[1:5]}")
     messages = []
     if template == "few_shot":
         for q, a in GSM8K_COT_EXEMPLARS:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     suffix = {"step_by_step": f"\n{STEP_BY_STEP}", "think": f"\n{THINK}"}.get(template, "")
     messages.append({"role": "user", "content": question + suffix})
+    return messages
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    """A conversation (dicts with "role" and "content", ending with a user turn) through the tokenizer's
+    chat template, ready for the assistant's next turn: the one way the book builds a chat prompt."""
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("a chat prompt must end with a user turn")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -2069,6 +2346,12 @@ def stop_strings(template: str) -> list[str] | None:
 # from the seed `derive_seed(seed, p.id)`, so a run that was interrupted and resumed, or run with
 # another batch size, produces exactly the samples of one uninterrupted run.
 #
+# Every record keeps the prompt it answered, and a record is reused only for that exact prompt, so
+# a changed template is never served old responses. Two options serve later chapters: `prompts=`
+# lets a strategy build its own prompts (chapter 4 sends the model's previous answer back to it as a
+# chat turn), recorded under a `stage` name of their own, and `token_logprobs=True` also keeps every
+# generated token and its log-probability, from which chapter 4 computes the model's confidence.
+#
 # `summarize` turns records into the numbers we report: accuracy with a **Wilson 95% confidence
 # interval** (better behaved than ±1.96·√(p(1−p)/n) for small n or extreme p), accuracy per
 # difficulty level and subject, mean response length, extraction rate, and throughput.
@@ -2085,6 +2368,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from rlscratch.data import Problem
@@ -2101,7 +2385,9 @@ class EvalSettings:
 
     `model` is a readable name; `weights` is what identifies the model: the SHA-256 of its weights
     (`rlscratch.model.weights_fingerprint`), filled in by `evaluate` when left empty, so a trained
-    checkpoint never reuses the records of the model it started from."""
+    checkpoint never reuses the records of the model it started from. `stage` names records that must
+    stay apart from the template's own runs: prompts built by a strategy (chapter 4's refinement rounds),
+    or records that keep per-token log-probs."""
     model: str
     template: str = "chat"
     max_new_tokens: int = 512
@@ -2110,10 +2396,19 @@ class EvalSettings:
     n: int = 1
     seed: int = 0
     weights: str | None = None
+    stage: str = ""
+
+    def key(self) -> dict:
+        """The fields that identify the run; `stage` only when set, so runs recorded before it existed keep their names."""
+        fields = dataclasses.asdict(self)
+        if not fields["stage"]:
+            del fields["stage"]
+        return fields
 
     def run_name(self, dataset: str) -> str:
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-        return f"{dataset}-{self.template}-t{self.temperature}-n{self.n}-{digest}"
+        digest = hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:10]
+        stage = f"-{self.stage}" if self.stage else ""
+        return f"{dataset}-{self.template}{stage}-t{self.temperature}-n{self.n}-{digest}"
 
 
 def grade_record(record: dict) -> dict:
@@ -2138,6 +2433,7 @@ def _load_records(path: Path) -> dict[str, dict]:
                 stale = True
                 continue
             before = (record.get("extracted"), record.get("rules"), record.get("correct"))
+            stale |= record["id"] in records  # a problem redone for a new prompt: keep only its last record
             records[record["id"]] = grade_record(record)
             stale |= before != (record["extracted"], record["rules"], record["correct"])
     if stale and records:
@@ -2147,28 +2443,65 @@ def _load_records(path: Path) -> dict[str, dict]:
     return records
 
 
+# %% [markdown]
+# Two checks before the harness itself: a record is graded from its raw responses (the second
+# response below was cut off by the token limit, so its last number does not count), and a run file
+# whose stored verdicts disagree with the current verifier is corrected when it is read.
+
+# %%
+record = grade_record({"id": "demo", "gold": "72", "finish": ["stop", "length"],
+                       "responses": ["48 + 24 = 72, so \\boxed{72}", "First 48 / 2 = 24, then 48 + 24 = 72 and"]})
+print(record["extracted"], record["rules"], record["correct"])
+assert record["correct"] == [True, False] and record["rules"] == ["boxed", "truncated"]
+demo_file = Path(tempfile.mkdtemp()) / "demo.jsonl"
+demo_file.write_text(json.dumps(dict(record, correct=[False, True])) + "\n")  # verdicts of an older verifier
+assert _load_records(demo_file)["demo"]["correct"] == [True, False]
+assert json.loads(demo_file.read_text())["correct"] == [True, False]  # and the file now says so too
+
+# %% [markdown]
+# The harness: format, generate a batch, grade, append, repeat. (Its resume check needs the model,
+# so it comes in a moment.)
+
+# %%
+#| export: evaluate
+def _reusable(record: dict | None, prompt: str, token_logprobs: bool) -> bool:
+    """Whether a stored record answers this prompt (with per-token log-probs, if they are wanted)."""
+    return record is not None and record.get("prompt") == prompt and (not token_logprobs or "logprobs" in record)
+
+
 def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, *, batch_size: int = 16,
-             run_dir: Path | None = None, progress: bool = True) -> list[dict]:
+             run_dir: Path | None = None, progress: bool = True, prompts: Sequence[str] | None = None,
+             token_logprobs: bool = False) -> list[dict]:
     """Evaluate `problems`, resuming from (and appending to) the run's JSONL file. Returns records in order.
 
     Sampling is reproducible per problem: problem p draws from seed derive_seed(settings.seed, p.id), so an
-    interrupted and resumed run, or one with another batch size, gives the same samples as a single run."""
+    interrupted and resumed run, or one with another batch size, gives the same samples as a single run.
+    A stored record is reused only for the prompt it answered. `prompts` (one per problem) replaces the
+    template's prompts, for strategies that build their own; such a run needs a `settings.stage`.
+    `token_logprobs` also records each sample's token ids and per-token log-probs (4 decimals)."""
     if not problems:
         raise ValueError("no problems to evaluate")
     datasets = {p.dataset for p in problems}
     if len(datasets) != 1:
         raise ValueError(f"one dataset per run, got {sorted(datasets)}")
+    if prompts is None:
+        prompts = [format_prompt(tokenizer, p.question, settings.template) for p in problems]
+    elif len(prompts) != len(problems):
+        raise ValueError(f"{len(prompts)} prompts for {len(problems)} problems")
+    elif not settings.stage:
+        raise ValueError("prompts of your own need a settings.stage, so they never mix with the template's records")
+    prompt_of = {p.id: prompt for p, prompt in zip(problems, prompts)}
     if settings.weights is None:
         settings = dataclasses.replace(settings, weights=weights_fingerprint(model))
     run_dir = Path(run_dir or results_dir() / "runs")
     run_dir.mkdir(parents=True, exist_ok=True)
     name = settings.run_name(datasets.pop())
     path, meta = run_dir / f"{name}.jsonl", run_dir / f"{name}.settings.json"
-    if meta.exists() and json.loads(meta.read_text()) != dataclasses.asdict(settings):
+    if meta.exists() and json.loads(meta.read_text()) != settings.key():
         raise ValueError(f"{meta} holds other settings; choose another run_dir")
-    meta.write_text(json.dumps(dataclasses.asdict(settings), indent=1))
+    meta.write_text(json.dumps(settings.key(), indent=1))
     done = _load_records(path)
-    todo = [p for p in problems if p.id not in done]
+    todo = [p for p in problems if not _reusable(done.get(p.id), prompt_of[p.id], token_logprobs)]
     bar = None
     if progress and todo:
         from tqdm import tqdm  # a text bar: it stays readable in saved notebook outputs
@@ -2181,23 +2514,27 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     tokens_done, seconds_done = 0, 0.0
     for start in range(0, len(todo), per_batch):
         chunk = todo[start:start + per_batch]
-        prompts = [format_prompt(tokenizer, p.question, settings.template) for p in chunk]
+        chunk_prompts = [prompt_of[p.id] for p in chunk]
         seed = None if settings.temperature == 0 else [derive_seed(settings.seed, p.id) for p in chunk]
         t0 = time.perf_counter()
-        completions = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+        completions = generate(model, tokenizer, chunk_prompts, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
                                stop=stop_strings(settings.template), seed=seed, batch_size=batch_size)
         seconds = time.perf_counter() - t0
         lines = []
         for k, problem in enumerate(chunk):
             samples = completions[k * settings.n:(k + 1) * settings.n]
-            record = grade_record({
+            record = {
                 "id": problem.id, "dataset": problem.dataset, "level": problem.level, "subject": problem.subject,
-                "gold": problem.answer, "prompt": prompts[k], "responses": [c.text for c in samples],
+                "gold": problem.answer, "prompt": chunk_prompts[k], "responses": [c.text for c in samples],
                 "tokens": [len(c.token_ids) for c in samples], "finish": [c.finish_reason for c in samples],
                 "mean_logprob": [sum(c.logprobs) / max(1, len(c.logprobs)) for c in samples],
                 "seconds": seconds / len(chunk),
-            })
+            }
+            if token_logprobs:
+                record["token_ids"] = [c.token_ids for c in samples]
+                record["logprobs"] = [[round(x, 4) for x in c.logprobs] for c in samples]
+            record = grade_record(record)
             done[problem.id] = record
             lines.append(json.dumps(record) + "\n")
         with open(path, "a", encoding="utf-8") as f:
@@ -2215,6 +2552,27 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     return [done[p.id] for p in problems]
 
 
+# %% [markdown]
+# Then the statistics. `summarize` turns records into the numbers we report, with a Wilson interval.
+#
+# **Comparing two runs on the same problems.** Chapter 3 compares prompts and sampling settings on the
+# same problems, and there the right test is a **paired** one. Problems both runs solve, or both fail,
+# say nothing about which run is better; only the *discordant* problems do: the ones the first run
+# solves and the second does not (wins), and the reverse (losses). If the two runs were equally good,
+# each discordant problem would be a fair coin between win and loss. The **exact McNemar test** is
+# that sign test: the two-sided p-value is the probability, under fair coins, of a split at least as
+# lopsided as the one observed, computed exactly from binomial coefficients,
+#
+# $$p = \min\Big(1,\ 2 \sum_{k=0}^{\min(w,\, l)} \binom{n}{k} \Big/ 2^n\Big), \qquad n = w + l,$$
+#
+# with $w$ wins and $l$ losses.
+#
+# A small p says the split would be surprising if the runs were equally good; a large p says the
+# data cannot tell them apart, which is not the same as saying they are equal. With 13 discordant
+# problems, 9 wins against 4 losses gives p ≈ 0.27: not evidence of a difference.
+
+# %%
+#| export: evaluate
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a binomial proportion."""
     if n == 0:
@@ -2247,6 +2605,64 @@ def summarize(records: list[dict]) -> dict:
         "problems_per_min": 60 * n / seconds if seconds else None,
         "tokens_per_s": sum(tokens) / seconds if seconds else None,
     }
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar test: a sign test on the discordant pairs of a paired comparison.
+
+    `wins`: problems only the first run solved; `losses`: problems only the second solved. Returns the
+    probability, if each discordant problem were a fair coin, of a split at least as uneven (1.0 when
+    there is nothing to compare). Exact: binomial coefficients, no normal approximation."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"counts must be >= 0, got {wins} and {losses}")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def compare_paired(first: list[bool], second: list[bool]) -> dict:
+    """Paired comparison of two runs on the same problems (True = solved): "wins" (only `first` solved),
+    "losses" (only `second`), "both", "neither", and the exact McNemar p-value of wins against losses."""
+    if len(first) != len(second):
+        raise ValueError(f"paired runs need the same problems: {len(first)} vs {len(second)} results")
+    pairs = [(bool(a), bool(b)) for a, b in zip(first, second)]
+    wins, losses = pairs.count((True, False)), pairs.count((False, True))
+    return {"n": len(pairs), "wins": wins, "losses": losses, "both": pairs.count((True, True)),
+            "neither": pairs.count((False, False)), "p_value": mcnemar_exact(wins, losses)}
+
+
+# %% [markdown]
+# Checks with numbers worked by hand. Wilson: with 0 successes in 10 the interval is [0, 0.28], not
+# the [0, 0] of the naive formula. McNemar: 5 wins and no loss gives 2 · (1/2)^5 = 0.0625 (five fair
+# coins all landing one way, on either side); 9 against 4 gives 2 · (1 + 13 + 78 + 286 + 715) / 2^13
+# = 2186 / 8192 ≈ 0.267; a tie is p = 1.
+
+# %%
+low, high = wilson_interval(0, 10)
+print(f"Wilson 95% for 0/10: [{low:.3f}, {high:.3f}]; for 53/200: {[round(x, 3) for x in wilson_interval(53, 200)]}")
+assert low < 1e-12 and abs(high - 0.2775) < 1e-3
+for wins, losses in [(5, 0), (9, 4), (10, 3), (11, 2), (3, 3), (0, 0)]:
+    print(f"{wins:2d} wins, {losses} losses: exact McNemar p = {mcnemar_exact(wins, losses):.4f}")
+assert mcnemar_exact(5, 0) == 0.0625 and mcnemar_exact(0, 5) == 0.0625
+assert mcnemar_exact(9, 4) == 2186 / 8192 and mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+paired = compare_paired([True, True, False, False, True], [True, False, True, False, False])
+print(paired)
+assert (paired["wins"], paired["losses"], paired["both"], paired["neither"]) == (2, 1, 1, 1)
+
+# %% [markdown]
+# Back to the labelled responses of section 4: each case is a pair (our verdict right or wrong,
+# `math-verify`'s right or wrong), so the two verifiers can be compared with the same test. Keep in
+# mind what the test can and cannot say here: the hard set was written while our verifier was built,
+# so it measures how well each handles *these* forms, not forms nobody thought of.
+
+# %%
+if "math-verify" in verdicts:
+    right = {name: [v == label for v, label in zip(verdicts[name], labels)] for name in verdicts}
+    vs = compare_paired(right["ours"], right["math-verify"])
+    print(f"{vs['n']} labelled cases: ours right and math-verify wrong on {vs['wins']}, the reverse on "
+          f"{vs['losses']} (both right {vs['both']}, both wrong {vs['neither']}); exact McNemar p = {vs['p_value']:.2g}")
 
 
 # %% [markdown]
@@ -2297,17 +2713,29 @@ for name, s in baseline.items():
 # %%
 import matplotlib.pyplot as plt
 
+def with_intervals(groups: dict) -> tuple[list[float], list[list[float]]]:
+    """Accuracies and Wilson 95% error bars (below, above) of {name: {"n", "accuracy"}} groups."""
+    acc = [g["accuracy"] for g in groups.values()]
+    bounds = [wilson_interval(round(g["accuracy"] * g["n"]), g["n"]) for g in groups.values()]
+    return acc, [[a - low for a, (low, _) in zip(acc, bounds)], [high - a for a, (_, high) in zip(acc, bounds)]]
+
+
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
 for ax, (name, s, label) in zip(axes[:2], [("GSM8K", baseline["gsm8k"], "solution steps"),
                                             ("MATH-500", baseline["math500"], "level")]):
-    levels = list(s["by_level"])
-    ax.bar([str(k) for k in levels], [s["by_level"][k]["accuracy"] for k in levels], color="C0")
+    levels = s["by_level"]
+    acc, err = with_intervals(levels)
+    ax.bar([str(k) for k in levels], acc, yerr=err, capsize=3, color="C0")
     for i, k in enumerate(levels):
-        ax.text(i, s["by_level"][k]["accuracy"] + 0.01, f"n={s['by_level'][k]['n']}", ha="center", fontsize=8)
-    ax.set(title=f"{name}: accuracy by difficulty", xlabel=label, ylabel="accuracy", ylim=(0, 1))
+        ax.text(i, acc[i] + err[1][i] + 0.02, f"n={levels[k]['n']}", ha="center", fontsize=8)
+    ax.set(title=f"{name}: accuracy by difficulty", xlabel=label, ylabel="accuracy (95% Wilson interval)", ylim=(0, 1.1))
 subjects = baseline["math500"]["by_subject"]
-axes[2].barh(list(subjects), [v["accuracy"] for v in subjects.values()], color="C1")
-axes[2].set(title="MATH-500: accuracy by subject", xlim=(0, 1))
+acc, err = with_intervals(subjects)
+axes[2].barh(list(subjects), acc, xerr=err, capsize=3, color="C1")
+for i, k in enumerate(subjects):
+    axes[2].text(acc[i] + err[1][i] + 0.02, i, f"n={subjects[k]['n']}", va="center", fontsize=8)
+axes[2].set(title="MATH-500: accuracy by subject", xlabel="accuracy (95% Wilson interval)", ylabel="subject",
+            xlim=(0, 1.1))
 plt.tight_layout()
 plt.show()
 
@@ -2321,6 +2749,25 @@ for title, r in (("RIGHT", right), ("WRONG", wrong)):
     print(f"=== {title}: gold {r['gold']}, extracted {r['extracted'][0]!r} by rule {r['rules'][0]}\n{r['responses'][0][-700:]}\n")
 rules = collections.Counter(rule for r in gsm8k_run + math_run for rule in r["rules"])
 print("extraction rules used:", dict(rules))
+
+# %% [markdown]
+# Printed, a MATH response is hard to read: it is LaTeX. Rendered, it reads like the solution it
+# tries to be (the first MATH response, whole; its gold answer is printed above it):
+
+# %%
+from IPython.display import Markdown, display
+
+
+def as_markdown(text: str) -> str:
+    """The model's LaTeX delimiters \\( \\) and \\[ \\] as the $ and $$ that notebook Markdown renders."""
+    for old, new in (("\\[", "$$"), ("\\]", "$$"), ("\\(", "$"), ("\\)", "$")):
+        text = text.replace(old, new)
+    return text
+
+
+shown = math_run[0]
+print(f"gold {shown['gold']!r}; extracted {shown['extracted'][0]!r} by rule {shown['rules'][0]}; correct: {shown['correct'][0]}")
+display(Markdown(as_markdown(shown["responses"][0])))
 
 # %% [markdown]
 # ### Checking the grader on real responses
@@ -2344,20 +2791,29 @@ print("extraction rules used:", dict(rules))
 # What remains after those fixes is printed below. In the stored run it is a single GSM8K response
 # that was cut off at 512 tokens while its last number happened to be the gold answer:
 # `math-verify` credits it, we deliberately do not (the model never stated an answer).
+#
+# The cell also compares the two gradings as paired runs. There are no labels here, so its counts are
+# not wins and losses of right against wrong: the McNemar test only asks whether the two graders
+# credit different numbers of responses by more than chance would explain.
 
 # %%
 if mv_parse is not None:
-    disagreements = []
+    disagreements, ours_all, theirs_all = [], [], []
     for r in gsm8k_run + math_run:
         try:
             theirs = bool(mv_verify(mv_parse(f"${r['gold']}$"), mv_parse(r["responses"][0])))
         except Exception:
             theirs = False
+        ours_all.append(r["correct"][0])
+        theirs_all.append(theirs)
         if theirs != r["correct"][0]:
             disagreements.append({"id": r["id"], "gold": r["gold"], "ours": r["extracted"][0], "rule": r["rules"][0],
                                   "finish": r["finish"][0], "ours_correct": r["correct"][0], "math_verify": theirs})
-    total = len(gsm8k_run) + len(math_run)
-    print(f"agreement with math-verify on {total} real responses: {1 - len(disagreements) / total:.1%}")
+    credit = compare_paired(ours_all, theirs_all)
+    print(f"agreement with math-verify on {credit['n']} real responses: {1 - len(disagreements) / credit['n']:.1%}; "
+          f"accuracy by our grading {sum(ours_all) / credit['n']:.1%}, by math-verify's {sum(theirs_all) / credit['n']:.1%}")
+    print(f"we credit {credit['wins']} responses that math-verify does not, it credits {credit['losses']} that we do "
+          f"not: exact McNemar p = {credit['p_value']:.2g}")
     if disagreements:
         show_table(disagreements)
 
@@ -2387,7 +2843,7 @@ if not SMOKE:
     table["base"] = {k: {"n": v["n"], "accuracy": v["accuracy"], "ci95": v["ci95"], "mean_tokens": v["mean_tokens"]}
                      for k, v in baseline.items()}
     table_path.write_text(json.dumps(table, indent=1))
-    print(json.dumps(table, indent=1))
+    print(json.dumps({"base": table["base"]}, indent=1))  # this chapter's row; later chapters add theirs
 
 # %% [markdown]
 # ## Summary
@@ -2398,7 +2854,73 @@ if not SMOKE:
 #   intervals, relations and matrices, bounded in time on any thread;
 # * `rlscratch.data`: GSM8K and MATH-500 as `Problem` records, from a local folder or the Hub;
 # * `rlscratch.prompts`: the named templates;
-# * `rlscratch.evaluate`: a resumable harness and `summarize`.
+# * `rlscratch.evaluate`: a resumable harness, `summarize` (Wilson intervals), and `compare_paired` /
+#   `mcnemar_exact` for two runs on the same problems.
 #
 # Chapter 3 spends more compute at inference time — reasoning prompts, sampling, voting — and
 # measures each gain against this baseline.
+#
+# ## Exercises
+#
+# Each solution is in a hidden cell below its exercise (click to expand it). Try first.
+#
+# **1. A reward for an unfinished thought.** Write a response that was cut off by the token limit in
+# the middle of its reasoning, whose last number happens to equal the gold answer. Show that
+# `score_response` credits it when told nothing, and not when told the response was truncated. Then
+# find the extraction rule responsible.
+
+# %% jupyter={"source_hidden": true} tags=["hide-cell"]
+cut_off = ("The farm has 12 cows and 3 times as many chickens: 12 * 3 = 36 chickens. The cows have 12 * 4 = 48 legs "
+           "and the chickens 36 * 2 = 72 legs, so all together 48 + 72")
+# the question asked for the chickens' legs (72); the response was heading for all the legs (120), a wrong answer
+for truncated in (False, True):
+    print(f"truncated={truncated}: {score_response(cut_off, '72', truncated=truncated)}")
+assert score_response(cut_off, "72").correct and not score_response(cut_off, "72", truncated=True).correct
+print("rule:", extract(cut_off).rule)  # last_number: a fallback guess, which the truncated response may not use
+
+# %% [markdown]
+# **2. How lopsided must it be?** Chapter 3 compares two prompts on the same problems. Suppose 13
+# problems are discordant. How many of the 13 must one prompt win for the exact McNemar p-value to
+# fall below 0.05? And what is the smallest number of discordant problems for which even a clean
+# sweep (all wins, no loss) reaches p < 0.05?
+
+# %% jupyter={"source_hidden": true} tags=["hide-cell"]
+needed = next(w for w in range(7, 14) if mcnemar_exact(w, 13 - w) < 0.05)  # the winning side: 7 of 13 or more
+print(f"13 discordant problems: at least {needed} wins (p = {mcnemar_exact(needed, 13 - needed):.4f}); "
+      f"{needed - 1} wins gives p = {mcnemar_exact(needed - 1, 14 - needed):.4f}")
+sweep = next(n for n in range(1, 20) if mcnemar_exact(n, 0) < 0.05)
+print(f"a clean sweep needs {sweep} discordant problems (p = {mcnemar_exact(sweep, 0):.4f}; "
+      f"{sweep - 1} gives {mcnemar_exact(sweep - 1, 0):.4f})")
+assert (needed, sweep) == (11, 6)
+
+# %% [markdown]
+# **3. How many problems?** The baseline's GSM8K accuracy was measured on a few hundred problems.
+# How many problems would make the 95% Wilson interval ±3 points wide (half-width at most 0.03) at an
+# accuracy of 27%? How does that number change at 50%?
+
+# %% jupyter={"source_hidden": true} tags=["hide-cell"]
+def problems_for(accuracy: float, half_width: float) -> int:
+    n = 10
+    while True:
+        low, high = wilson_interval(round(accuracy * n), n)
+        if (high - low) / 2 <= half_width:
+            return n
+        n += 10
+
+
+for accuracy in (0.27, 0.5):
+    print(f"accuracy {accuracy:.0%}: about {problems_for(accuracy, 0.03)} problems for +-3 points")
+# the variance p(1 - p) is largest at 50%, so more problems are needed there
+
+# %% [markdown]
+# **4. Degrees.** A MATH answer key writes `\sin 30^\circ` where a model writes `\frac{1}{2}`. What does
+# our verifier say, and why? Would treating every number under `\sin` as degrees be safe for a reward?
+
+# %% jupyter={"source_hidden": true} tags=["hide-cell"]
+print(normalize_answer("\\sin 30^\\circ"), "->", answers_match("\\frac{1}{2}", "\\sin 30^\\circ"))
+assert not answers_match("\\frac{1}{2}", "\\sin 30^\\circ")
+# Normalization drops the degree sign (so that 90^\circ matches 90), which leaves sin(30) in radians, about
+# -0.988: not 1/2, so the pair is rejected, a false negative. Reading every angle as degrees would make
+# sin(\pi/6), in radians, wrong instead; guessing the unit from the presence of \pi could accept a wrong
+# answer. For a reward the safe fix keeps the degree sign inside trigonometric arguments and converts it
+# there, and only there.
