@@ -7,7 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-build/site}"
-python="${PYTHON:-python}"  # the test passes its own interpreter
+if [ -n "${PYTHON:-}" ]; then
+  python="$PYTHON"  # the test passes its own interpreter
+else
+  source tools/env.sh  # the book's environment, as tools/book.sh and tools/test.sh use it
+  python="$RLSCRATCH_PY"
+fi
 "$python" -c "import jupyter_book, importlib; importlib.import_module('sphinx-mathjax-offline')" 2>/dev/null \
   || bash tools/setup.sh
 "$python" -c "from jupyter_book.cli.main import main; main()" build . --config book/_config.yml \

@@ -54,7 +54,8 @@ BATCH_SIZE = 16
 if SMOKE:  # keep smoke-run records away from the real results
     os.environ["RLSCRATCH_RESULTS"] = tempfile.mkdtemp()
 torch.set_num_threads(max(1, os.cpu_count() or 1))
-print(f"smoke={SMOKE} model={MODEL} data={os.environ.get('RLSCRATCH_DATA', '(Hub)')}")
+DATA = "a local folder ($RLSCRATCH_DATA)" if os.environ.get("RLSCRATCH_DATA") else "the Hugging Face Hub"
+print(f"smoke={SMOKE} model={MODEL} data from {DATA}")
 
 # %% [markdown]
 # ## 1. Why string matching fails

@@ -60,8 +60,8 @@
 #
 # Most of this chapter works on small tensors and runs in seconds anywhere. Sections 1 and 7 use
 # the real model: section 1 for a handful of short completions, section 7 for a first training run
-# (about 10 minutes of a 2-core CPU; its record is cached in `data/results/`, so re-executing the
-# chapter takes about a minute). With `RLSCRATCH_SMOKE=1` a tiny random-weight model stands in.
+# (about 11 minutes of a 2-core CPU; its record is cached in `data/results/`, so re-executing the
+# chapter takes under a minute). With `RLSCRATCH_SMOKE=1` a tiny random-weight model stands in.
 
 # %%
 import math

@@ -79,7 +79,17 @@ RUN_DIR = Path(os.environ.get("RLSCRATCH_GRPO_RUN", cache_dir() / "runs" / "grpo
 WORK = Path(tempfile.mkdtemp(prefix="rlscratch-ch06-"))  # this notebook's own scratch runs
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
 chapter_start = time.perf_counter()
-print(f"smoke={SMOKE} threads={torch.get_num_threads()} torch={torch.__version__}\nreal run folder: {RUN_DIR}")
+
+
+def shown(text: object) -> str:
+    """`text` as this notebook prints it: this machine's folders by name (WORK, ~), not as absolute paths."""
+    text = str(text).replace(str(WORK), "WORK")
+    if os.environ.get("RLSCRATCH_CACHE"):
+        text = text.replace(str(cache_dir()), "$RLSCRATCH_CACHE")
+    return text.replace(str(Path.home()), "~")
+
+
+print(f"smoke={SMOKE} threads={torch.get_num_threads()} torch={torch.__version__}\nreal run folder: {shown(RUN_DIR)}")
 
 # %% [markdown]
 # ## 1. One configuration, three presets
@@ -1844,7 +1854,7 @@ flags = {a.dest for a in parser._actions} - {"help"}
 assert fields == flags, fields ^ flags  # every setting has a flag, every flag a setting
 for argv in (["--task", "toy", "--group-size", "1"], ["--task", "toy", "--model", "/no/such/model", "--output-dir",
                                                        str(WORK / "missing-model"), "--wandb-mode", "disabled"]):
-    print(f"{' '.join(argv)!r} -> exit status {main(argv)}")
+    print(f"{shown(' '.join(argv))!r} -> exit status {main(argv)}")
 
 # %% [markdown]
 # ## 11. A complete toy run, interrupted and resumed
@@ -1878,7 +1888,7 @@ try:
     train(toy_config("toy-interrupted"), log=stop_after_5)
 except Stop:
     print("-- stopped after step 5; checkpoints:", read_run(WORK / "toy-interrupted")["checkpoints"])
-resumed = train(toy_config("toy-interrupted"))
+resumed = train(toy_config("toy-interrupted"), log=lambda line: print(shown(line)))
 straight = train(toy_config("toy-straight"), log=lambda line: None)
 
 # %%
@@ -1958,11 +1968,11 @@ real = read_run(RUN_DIR)
 if SMOKE and real is None:  # the test suite has no real run: exercise the same cells on the toy run's records
     real, RUN_DIR = run_a, WORK / "toy-interrupted"
 if real is None:
-    print(f"no run recorded yet in {RUN_DIR}: start one with the command above (or set RLSCRATCH_GRPO_RUN "
+    print(f"no run recorded yet in {shown(RUN_DIR)}: start one with the command above (or set RLSCRATCH_GRPO_RUN "
           "to a run folder), then re-execute this section")
 else:
     c = real["config"]
-    print(f"{RUN_DIR}: model {c['model']}, preset {c['preset']}, task {c['task']}, P={c['prompts_per_step']} x "
+    print(f"{shown(RUN_DIR)}: model {c['model']}, preset {c['preset']}, task {c['task']}, P={c['prompts_per_step']} x "
           f"G={c['group_size']}, max_new_tokens={c['max_new_tokens']}, lr={c['lr']}, beta={c['beta']}")
     print(f"{len(real['metrics'])} optimizer steps recorded; checkpoints {real['checkpoints']}; "
           f"final model exported: {real['final']}")
