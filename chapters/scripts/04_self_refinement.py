@@ -23,7 +23,7 @@
 #
 # A deployed model has no answer key. The only feedback it can get for free is its own
 # uncertainty, which the engine of chapter 1 already measures: every generated token comes with its
-# log-probability. So the chapter has two halves:
+# log-probability. The chapter has four parts:
 #
 # 1. **Confidence from log-probabilities.** Four ways to turn per-token log-probs into one number
 #    per response, and a fair test of which one best tells right answers from wrong ones (AUROC and
@@ -36,6 +36,14 @@
 #
 # Every response goes through chapter 2's harness, so it is recorded in `data/results/runs/`,
 # reused when the notebook is executed again, and resumed if a run is interrupted.
+#
+# **What the stored run found** (40 test problems; details in sections 3 and 4): neither kind of
+# feedback helped this 0.5B model. The oracle's "your answer is wrong" fixed 0 of 29 wrong answers in
+# three rounds. Confidence feedback ended at 20.0% against 27.5% for the first answers (1 answer gained,
+# 4 lost, exact McNemar p = 0.38): no significant difference in either direction. And the confidence
+# message of this run, by a flaw of its design (section 2.1), told almost every answer "0%", so the
+# deployable feedback carried almost no information. Read the chapter as a careful negative result
+# with a known defect, not as a verdict on self-refinement in general.
 
 # %% [markdown]
 # ## 0. Parameters
@@ -45,10 +53,12 @@
 # no part in the choice. The refinement runs use the first `N_TEST` GSM8K **test** problems, the
 # problems of chapter 3's results rows. Everything is greedy except the study's samples.
 #
-# Estimated cost on the 2-core CPU of the stored runs, from chapter 3's 140-170 generated tokens/s
-# and ~290 tokens per response: about 250k generated tokens for the study (25-30 min) and about 70k
-# for the refinement runs, which also re-read about 160k prompt tokens because the conversation grows
-# each round (20-25 min). The chapter prints the measured times. **On a GPU** use `N_CONF = 1000`,
+# Estimated cost on a CPU, from chapter 3's 140-170 generated tokens/s and ~290 tokens per
+# response: about 250k generated tokens for the study (25-30 min) and about 70k for the refinement
+# runs, which also re-read about 160k prompt tokens because the conversation grows each round
+# (20-25 min). Measured in the stored run (section 3.1): 44.5 min for the study, more than estimated
+# because its greedy pass ran at only 38 tokens/s (the sampled pass at 158; the records do not say
+# why), and 22.7 min for the refinement runs. **On a GPU** use `N_CONF = 1000`,
 # `N_TEST = 500` (the results table of the later chapters) and `BATCH_SIZE = 128`.
 
 # %%
@@ -137,10 +147,12 @@ for i in sorted(range(len(lps)), key=lambda i: lps[i])[:5]:
 print(f"tokens with probability > 0.9: {sum(lp > math.log(0.9) for lp in lps) / len(lps):.0%}")
 
 # %% [markdown]
-# In a typical response most tokens are near-certain (the share above 0.9 is printed above): once
-# the reasoning is under way, the wording follows. The uncertainty sits in a few places, often where
-# the model chooses a number or an operation. That suggests several ways to summarize a response in
-# one number.
+# In this response 83% of the tokens have probability above 0.9: once the reasoning is under way,
+# the wording follows. The uncertainty sits in a few places, and here they are choices of wording and
+# layout (`' So'`, `' follow'`, `'\['`, `' know'`, `'First'`), not of numbers: the answer's own
+# tokens have probability 1.0 (printed in section 1.2). Being unsure *how to say* something is not
+# being unsure *whether it is right*, and a good score has to tell the two apart. That suggests
+# several ways to summarize a response in one number.
 #
 # ### 1.2 Four scores
 #
@@ -317,6 +329,10 @@ print(f"mean length: correct {tokens[right].mean() if right.any() else float('na
 
 
 # %% [markdown]
+# On these 800 responses the correlation of `total` with length is −0.52, and wrong answers are
+# longer than right ones (304 tokens on average against 255): the case above where length is itself a
+# clue. Keep it in mind when reading the AUROC table below.
+#
 # ### 1.4 How well does a score separate right from wrong? AUROC
 #
 # A confidence score is useful if correct responses tend to score higher than wrong ones. The
@@ -418,6 +434,17 @@ print(f"best score on train: {BEST_SCORE}" + ("" if measured else " (a default: 
 # with `-length`: the closer they are, the more of `total`'s ranking power is just the length bias of
 # section 1.3.
 #
+# **What the table says, and how it fits section 1.3.** `total` wins on train (AUROC 0.788 on all 800
+# responses, against 0.744 for `answer`, 0.719 for `mean` and 0.631 for `min`), so `total` is the chosen
+# score. Section 1.3 called a summed score length-biased; both statements hold. The bias is real, but
+# on this data it points the useful way: length alone (`-length`) already reaches 0.668, because wrong
+# answers are the longer ones, and `total` rewards shortness. Exercise 1 measures it: within three
+# groups of similar length, `total` and `mean` differ by only 0.01-0.03, so most of `total`'s 0.07 lead
+# over `mean` here is length. Length is not all of `total` (it is 0.12 above `-length`), but the
+# chosen score partly measures length, and it will keep working only where wrong answers are longer.
+# A score without the length part (`mean`, `answer`) would have been the more cautious choice; we keep
+# the rule fixed before the run (highest AUROC on train) and report what it did.
+#
 # ### 1.5 Is the confidence calibrated? A reliability diagram
 #
 # AUROC only asks about *order*. To use a score as a statement to the model ("your confidence is
@@ -427,7 +454,7 @@ print(f"best score on train: {BEST_SCORE}" + ("" if measured else " (a default: 
 # the log-scores into probabilities with $e^{\text{score}}$: the geometric-mean token probability
 # for `mean`, the weakest token's probability for `min`, the answer's probability for `answer`.
 # (`total` gives probabilities like $10^{-20}$: the chance of that exact text, useless as a
-# statement about correctness.) The **expected calibration error** (ECE) summarizes the diagram:
+# statement about correctness. Remember this in section 2.1.) The **expected calibration error** (ECE) summarizes the diagram:
 # the average gap between confidence and accuracy, weighted by bin size.
 
 # %%
@@ -475,11 +502,15 @@ plt.show()
 
 # %% [markdown]
 # Two things to look for. A rising curve means the score *orders* answers well (that is the AUROC
-# again, in picture form). Its distance from the diagonal is *calibration*. Expect curves below the
-# diagonal (overconfidence) for an instruction-tuned model: its training rewarded fluent, likely
-# text, and never penalized a confident wrong number; the diagram shows how far that holds here. A
-# miscalibrated score can still rank well, and ranking is all that selection by confidence needs;
-# but as a number told to the model it misstates the odds, and the feedback below states it as is.
+# again, in picture form). Its distance from the diagonal is *calibration*. One expects curves below
+# the diagonal (overconfidence) for an instruction-tuned model: its training rewarded fluent, likely
+# text, and never penalized a confident wrong number. Here (ECE in the panel titles): `mean` is far
+# below it (ECE 0.63: $e^{\text{mean}}$ lies between about 0.78 and 0.94, while the bins' accuracy runs
+# from about 6% to 52%), and so is `answer` (ECE 0.71: $e^{\text{answer}}$ is close to 1 for most
+# responses, right or wrong). `min` lies *above* the diagonal (underconfident, ECE 0.12): a single
+# unlikely token is common in a long response, right or wrong. A miscalibrated score can still rank
+# well, and ranking is all that selection by confidence needs; but as a number told to the model it
+# misstates the odds, and the feedback below states it as is.
 #
 # ## 2. The refinement loop
 #
@@ -497,7 +528,7 @@ plt.show()
 #
 # * **confidence** (deployable: it needs no gold answer): the answer's confidence, $e^{\text{score}}$
 #   with the score chosen on train, and a request to check the work and fix any error — or keep the
-#   answer;
+#   answer (see the flaw below);
 # * **verifier** (an oracle: it knows the gold answer): "your answer is wrong, find the mistake", sent
 #   only after wrong answers; a correct answer ends that problem's refinement. No deployed system has
 #   this signal, so it is an **upper bound** on what this kind of feedback could do, never a row of the
@@ -505,6 +536,18 @@ plt.show()
 #
 # In both cases the model critiques and corrects in the same turn ("check… if you find a mistake,
 # correct it"), so one refinement round costs one generation.
+#
+# **A flaw of this run's design.** The score chosen in section 1.4 is `total`, and $e^{\text{total}}$ is
+# the probability of the whole text: about $e^{-13}$ even for the short example of section 1.2, far
+# less for a typical answer of ~290 tokens (the warning of section 1.5). Printed as a percentage it
+# reads "0%": for every first answer and every round-1 answer of the stored run (the *conf.* column of
+# section 3 averages 0.00 there). So the "deployable" feedback said the same thing to nearly every
+# problem and carried almost no information about the answer; the model may even read "0%" as "your
+# answer is wrong" (the conversation in section 2.3 shows one such answer). The fix: tell the model a
+# number that varies between answers on a probability-like scale, such as the per-token
+# $e^{\text{mean}}$, or the percentile of the answer's score among the train responses' scores ("more
+# confident than 30% of answers"). The results below stand as measured, for the feedback as it was
+# sent.
 
 # %%
 #| export: refine
@@ -688,7 +731,8 @@ print("bookkeeping and resume checks passed")
 #
 # Both kinds of feedback for `ROUNDS` rounds on the `N_TEST` test problems, all greedy. Round 0 is
 # shared (same prompt, same records), and so is any round the oracle skips. The confidence score in
-# the feedback is `BEST_SCORE`, chosen on train in section 1.4.
+# the feedback is `BEST_SCORE`, chosen on train in section 1.4 (`total` in the stored run: see the
+# flaw in section 2.1).
 
 # %%
 t0 = time.perf_counter()
@@ -713,6 +757,8 @@ same_verdict = sum(t["rounds"][0]["correct"] == r["correct"][0] for t, r in zip(
 print(f"round 0 vs chapter 3's greedy {TEMPLATE}: same text {same_text}/{len(test)}, same verdict {same_verdict}/{len(test)}")
 
 # %% [markdown]
+# They agree on 37 of 40 texts and on all 40 verdicts, so round 0 stands in for chapter 3's greedy row.
+#
 # One conversation, to see what the model does with feedback. We pick a problem whose answer changed
 # between round 0 and round 1 (if there is one) and print the ends of both answers with the feedback
 # between them.
@@ -735,6 +781,10 @@ print(textwrap.indent(tail(r1["response"]), "  "))
 
 
 # %% [markdown]
+# The flaw of section 2.1 at work: the feedback said "0%", and the round-1 answer redid the same
+# arithmetic (revenue 10), then treated "confidence" as a quantity of the problem, declared it 100%
+# and boxed 100: still wrong, for a new reason.
+#
 # ## 3. Round by round
 #
 # For each round we measure the accuracy of that round's answers and, because every round answers
@@ -826,9 +876,23 @@ assert all(row["right_wrong"] == 0 for row in tables["verifier"])  # the oracle 
 # p-value), *length* the mean length of the new answers, *conf.* the mean confidence of the round's
 # answers.
 #
-# The oracle's row cannot lose: it never sends back a right answer. Its gains are the most that "try
-# again, it is wrong" can buy from this model; where the deployable feedback falls below them, the
-# missing ingredient is knowing *which* answers are wrong.
+# The oracle's row cannot lose: it never sends back a right answer. In the stored run it did not win
+# either: told "your answer is wrong", the model fixed **0 of the 29** wrong answers in three rounds.
+# It changed 9 of the 29 answers in round 1, all to other wrong ones, and none in rounds 2 and 3.
+# "Try again, it is wrong" bought nothing from this model here: the oracle's upper bound is zero gain.
+#
+# Confidence feedback changed 16 answers in round 1: 1 wrong → right and 4 right → wrong, so 20.0%
+# against 27.5% at round 0 (exact McNemar p = 0.38 over 5 discordant problems). That is not a
+# significant difference: it does not show that this refinement hurts, nor that it is harmless.
+# Rounds 2 and 3 flipped no verdict.
+#
+# Read the *conf.* column with care. The mean $e^{\text{total}}$ is 0.00 in rounds 0 and 1, then jumps
+# to 0.46-0.47 in rounds 2 and 3 (0.31 and 0.51 for the oracle, whose answers did not change at all
+# after round 1). A likely cause, still to be checked: an answer that repeats text already in the
+# conversation is nearly certain token by token, so its `total` is near 0 — confidence in copying,
+# not in correctness. If so, the "most confident round" rule prefers late, repeated answers over the
+# first one, and indeed *by conf.* equals the latest round's accuracy from round 2 on: the guard
+# against talked-out right answers did not guard.
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(13, 4))
@@ -882,6 +946,11 @@ for label, table, key, *_ in curves:
     print(f"{label:42} gain per round {[f'{g:+.1%}' for g in gains]}  p vs round 0 {[f'{x:.2f}' for x in p]}  -> {verdict}")
 
 # %% [markdown]
+# **Verdict: untestable here.** No curve gains over round 0 at any round, so there is no gain whose
+# timing the claim could describe; it is neither confirmed nor refuted. Confidence feedback, latest
+# answer: −7.5 points at rounds 1, 2 and 3 (p = 0.38 each). Most confident round: −5.0 (p = 0.50),
+# then −7.5 (p = 0.38, 0.38). Oracle: 0 at every round (p = 1.00).
+#
 # With `N_TEST` problems, one problem is 2.5 points (at n = 40), and a difference needs several
 # discordant problems, nearly all in one direction, before McNemar's p falls below 0.05. So read the
 # verdicts with their p-values: a "gain" of one or two problems is not evidence of anything.
@@ -897,6 +966,10 @@ print(f"AUROC of round-0 answers on {len(round0)} test problems: "
       + ", ".join(f"{s} {v:.2f}" for s, v in test_auroc.items()) + f"   (chosen on train: {BEST_SCORE})")
 
 # %% [markdown]
+# On test the ranking did not clearly carry over: `answer` 0.69, `mean` 0.68, `total` 0.66 and `min`
+# 0.47 on 40 answers. With a standard error near 0.1 the first three cannot be told apart, so
+# `total`'s lead on train is not confirmed on test; `min` is no better than a coin.
+#
 # ### 3.1 What a round costs
 #
 # Each round's prompt holds the whole conversation so far, so prompts grow by about one answer and one
@@ -918,9 +991,10 @@ refine_minutes = (sum(row["seconds"] for row in tables["confidence"]) + sum(row[
 print(f"\nrecorded generation time: confidence study {study_minutes:.1f} min, refinement {refine_minutes:.1f} min")
 
 # %% [markdown]
-# Compare the rounds' rates: the later rounds also pay for longer prompts, a prefill of up to a
-# thousand tokens per problem before the first new token, and attention over a longer cache at every
-# step. Our engine re-reads each conversation from the start; an engine that kept every
+# Compare the rounds' rates: with confidence feedback they fall from 122 generated tokens/s in round
+# 0 to 71, 45 and 32 in rounds 1-3, although each round writes about the same number of tokens. The
+# later rounds pay for longer prompts (1,150 tokens per problem on average by round 3) that must be
+# read before the first new token, and for attention over a longer cache at every step. Our engine re-reads each conversation from the start; an engine that kept every
 # conversation's KV cache from the previous round (prefix caching, as serving engines such as vLLM
 # do) would read only the new feedback turn. On a GPU the prompts matter much less: a prefill is a
 # few large matrix products, which a GPU does in milliseconds; generation, one token at a time,
@@ -967,9 +1041,13 @@ if not SMOKE:
 print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_start) / 60:.1f} min (recorded runs are reused)")
 
 # %% [markdown]
-# Refinement generates about $K + 1$ answers per problem, the token cost of self-consistency with
-# $N = K + 1$ samples, plus the re-read prompts. Whether it buys more than voting does is in the
-# rows side by side; the paired comparison with its own round 0 is the sharper test.
+# The row: 20.0% (95% CI 10.5%-34.8%) for 884 generated tokens per problem plus 1,351 prompt tokens
+# re-read, against 27.5% for chain of thought (293 tokens) and 27.3% for self-consistency with
+# $N = 10$ (2,994 tokens). Refinement generated $K + 1 = 3$ answers per problem, the token cost of
+# self-consistency with $N = 3$, plus the re-read prompts. The sharper test is the paired one against
+# its own round 0: 1 gained, 4 lost, exact McNemar p = 0.38 on 40 problems. No significant difference:
+# on this evidence, refinement with this run's feedback did not help, and 40 problems cannot tell
+# whether it hurts. The latest-round rule gives the same 20.0%.
 #
 # ## Summary
 #
@@ -983,14 +1061,17 @@ print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_st
 #   `choose_round` / `final_rounds` for the two selection rules;
 # * the paired analysis: `flips`, `mcnemar_exact`, `round_table`.
 #
-# The chapter's lesson is about the feedback signal. With the oracle's "this is wrong", the model
-# retries exactly the problems it failed, and the gap between the oracle's curve and round 0 is the
-# most that retrying can buy. With only its own confidence, the model must judge answers that came
-# from its own distribution, and that judgement is only as good as the AUROCs of section 1 say; the
-# gap between the deployable curves and the oracle's is the price of not knowing which answers are
-# wrong. Chapter 3's pass@N already showed that the right answer is often within reach; refinement and
-# voting both try to reach it after the fact. The next chapters change the model instead, so that
-# the right answer becomes the likely one.
+# The chapter's lesson is about the feedback signal, and the stored run shows it from the bottom.
+# Even the oracle's "this is wrong", aimed at exactly the problems the model failed, fixed 0 of 29:
+# asked to find its own mistake, this 0.5B model kept 20 of its 29 wrong answers in round 1 and
+# changed none after that, so retrying bought nothing and the oracle's upper bound is zero. The
+# deployable feedback was weaker still: by the design flaw of section 2.1 it told nearly every answer
+# "0%", and it ended 1 gained, 4 lost against round 0 (p = 0.38, not significant). Before concluding
+# that self-refinement cannot work at this scale, two things should change: a confidence message
+# that varies between answers ($e^{\text{mean}}$ or a train percentile), and a selection score that
+# repeated text cannot fool. Chapter 3's pass@N already showed that the right answer is often within
+# reach by sampling; refinement did not reach it here. The next chapters change the model instead,
+# so that the right answer becomes the likely one.
 #
 # ## Exercises
 #
