@@ -208,11 +208,7 @@ def run_chapter(nb_path: Path, log_dir: Path) -> Result:
     if _in_chapters(nb_path):  # the package must match the notebooks before a chapter imports it
         exported = _export()
         if exported.returncode != 0:
-            result.status, result.seconds = "FAILED", time.monotonic() - start
-            result.error = "tools/export.py failed: " + (exported.stderr.strip().splitlines() or ["?"])[-1]
-            _write_log(log, nb_path, result.error, exported.stdout + exported.stderr)
-            result.log = log
-            return result
+            return _step_failed(result, "tools/export.py", exported, log, nb_path, start)
 
     nb = nbformat.read(nb_path, as_version=4)
     code_cells = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
@@ -272,11 +268,7 @@ def run_chapter(nb_path: Path, log_dir: Path) -> Result:
         synced = subprocess.run([sys.executable, "-m", "jupytext", "--sync", str(nb_path)],
                                 cwd=ROOT, capture_output=True, text=True)
         if synced.returncode != 0:
-            result.status, result.seconds = "FAILED", time.monotonic() - start
-            result.error = "jupytext --sync failed: " + (synced.stderr.strip().splitlines() or ["?"])[-1]
-            _write_log(log, nb_path, result.error, synced.stdout + synced.stderr)
-            result.log = log
-            return result
+            return _step_failed(result, "jupytext --sync", synced, log, nb_path, start)
     for stale in (log, log.with_suffix(".failed.ipynb"), kernel_log):  # an earlier failure's records no longer apply
         stale.unlink(missing_ok=True)
     result.status, result.seconds = "ok", time.monotonic() - start
@@ -297,6 +289,16 @@ def _format_exception(err: BaseException) -> list[str]:
     import traceback
 
     return traceback.format_exception(type(err), err, err.__traceback__)
+
+
+def _step_failed(result: "Result", what: str, proc: subprocess.CompletedProcess, log: Path, nb_path: Path,
+                 start: float) -> "Result":
+    """Mark `result` failed because the helper command `what` failed; its output goes to the log."""
+    result.status, result.seconds = "FAILED", time.monotonic() - start
+    result.error = f"{what} failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
+    _write_log(log, nb_path, result.error, proc.stdout + proc.stderr)
+    result.log = log
+    return result
 
 
 def _write_log(log: Path, nb_path: Path, header: str, body: str) -> None:
