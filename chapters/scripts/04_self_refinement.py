@@ -180,6 +180,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -188,6 +190,8 @@ import torch
 
 from rlscratch.data import Problem
 from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, mcnemar_exact, wilson_interval
+from rlscratch.model import weights_fingerprint
+from rlscratch.results import results_dir
 from rlscratch.prompts import chat_messages, format_prompt, render_chat
 from rlscratch.verify import CHAT_MARKERS, answers_match, extract
 
@@ -660,7 +664,9 @@ print(round1[-420:])
 # pass over prompt + answer (`response_logprobs`): "how likely would this answer be as a first
 # answer to the question?" That score is comparable across rounds, and it is the score the train
 # calibration was fitted on. The loop keeps both: `confidence` (re-scored; used for the feedback and
-# for selection) and `confidence_in_turn` (as generated, in the conversation).
+# for selection) and `confidence_in_turn` (as generated, in the conversation). A forward pass over a
+# 1,000-token conversation answer takes seconds on a CPU, so the re-scored values are kept on disk
+# (`RescoreCache`, next to the harness records) and a re-executed notebook reads them back.
 #
 # We fix the results row's rule *before* seeing test results: `confidence`. The reason is the
 # known weakness of self-correction without an oracle: Huang et al. (2023, "Large Language Models
@@ -697,6 +703,32 @@ def response_logprobs(model, tokenizer, prompt: str, token_ids: Sequence[int]) -
     return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].tolist()
 
 
+class RescoreCache:
+    """`response_confidence` of answers re-scored as first answers, kept in a JSONL file (one forward pass over
+    a long conversation's answer costs seconds on a CPU, so a re-executed notebook should not pay it again).
+    Keyed by the model's weights, the prompt and the answer's token ids."""
+
+    def __init__(self, path: Path, model):
+        self.path, self.model, self.weights = path, model, weights_fingerprint(model)
+        self.scores: dict[str, dict[str, float]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interruption: that answer is re-scored
+                    continue
+                self.scores[entry["key"]] = entry["confidence"]
+
+    def __call__(self, tokenizer, prompt: str, text: str, token_ids: Sequence[int]) -> dict[str, float]:
+        key = hashlib.sha256(json.dumps([self.weights, prompt, list(token_ids)]).encode()).hexdigest()
+        if key not in self.scores:
+            lps = response_logprobs(self.model, tokenizer, prompt, token_ids)
+            self.scores[key] = response_confidence(tokenizer, text, token_ids, lps)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "confidence": self.scores[key]}) + "\n")
+        return self.scores[key]
+
+
 def _round_entry(tokenizer, record: dict, round_: int, prompt_tokens: int) -> dict:
     confidence = record_confidences(tokenizer, record)[0]
     return {"round": round_, "response": record["responses"][0], "answer": record["extracted"][0],
@@ -726,6 +758,7 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
     base = EvalSettings(model=model_name, template=template, max_new_tokens=max_new_tokens)
     traces = [{"id": p.id, "gold": p.answer, "rounds": []} for p in problems]
     first_prompts = [format_prompt(tokenizer, p.question, template) for p in problems]
+    rescore = RescoreCache(Path(run_dir or results_dir() / "runs") / "rescored.jsonl", model) if rounds else None
     for r in range(rounds + 1):
         if r == 0:
             active, prompts, stage = list(range(len(problems))), first_prompts, "refine-r0"
@@ -748,9 +781,8 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
             for i, prompt, record in zip(active, prompts, records):
                 fresh[i] = _round_entry(tokenizer, record, r, len(tokenizer.encode(prompt, add_special_tokens=False)))
                 if r > 0:  # re-scored as a first answer, comparable with round 0 (already scored in that context)
-                    lps = response_logprobs(model, tokenizer, first_prompts[i], record["token_ids"][0])
-                    fresh[i]["confidence"] = response_confidence(tokenizer, record["responses"][0],
-                                                                 record["token_ids"][0], lps)
+                    fresh[i]["confidence"] = rescore(tokenizer, first_prompts[i], record["responses"][0],
+                                                     record["token_ids"][0])
         for i, trace in enumerate(traces):
             if i in fresh:
                 trace["rounds"].append(fresh[i])
@@ -1123,6 +1155,10 @@ print(f"\nvs its own round 0: {f['wrong_right']} gained, {f['right_wrong']} lost
 if not SMOKE:
     earlier[f"chapter04_gsm8k_first_{n_test}"] = {name: refine_row}
     table_path.write_text(json.dumps(earlier, indent=1))
+    # the choices made on train, for the book's results table on more problems (tools/results_table.py)
+    (results_dir() / "04_refine_settings.json").write_text(json.dumps(
+        {"score": BEST_SCORE, "calibration": CALIBRATION, "template": TEMPLATE, "max_new_tokens": MAX_NEW_TOKENS,
+         "rounds": ROW_ROUNDS, "select": ROW_SELECT}, indent=1))
 print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_start) / 60:.1f} min (recorded runs are reused)")
 
 # %% [markdown]
