@@ -1959,13 +1959,14 @@ for r in run_a["metrics"][:10]:
 # $G$, and how long right answers are); the learning rate $10^{-6}$ from chapter 5's pilots on its
 # arithmetic task, where $10^{-5}$ collapsed the policy in one step (DeepSeekMath's GRPO runs used
 # $10^{-6}$ too), and a pilot here at $3 \times 10^{-6}$ on the same GSM8K training questions
-# (below). The test questions play no part in any choice: they are only evaluated.
+# (below; not run yet). The test questions play no part in any choice: they are only evaluated.
 #
 # Budget on this 2-core CPU (AMD EPYC Zen 4, bf16): the pre-pass samples 4 answers for each of 128
 # candidate questions (3.3 min) and keeps the 42 solved sometimes; 3 epochs over them are 32 steps
-# of 4 questions, at RUN_TIME_TEXT, plus four evaluations of 200 test questions at about 7-8
-# minutes each. The run was stopped and resumed several times across two sessions (once killed by
-# the out-of-memory killer while another job ran beside it); every restart continued from the last
+# of 4 questions, at a median of 3.1 minutes each (101 minutes in all), plus four evaluations of 200 test questions at about 7-8
+# minutes each. The run was stopped and resumed several times across two sessions (twice killed by
+# the out-of-memory killer: the training process's resident memory crept from about 15 GB to over
+# 23 GB within a dozen steps, a problem still to fix); every restart continued from the last
 # checkpoint. The cells below read the run folder's records (or their copy kept with the book), so
 # re-executing this notebook never retrains.
 
@@ -2099,8 +2100,10 @@ else:
 # show whether that happened. (Greedy answers are tidier: at evaluation, with 512 tokens, 3.5% hit the
 # limit.)
 #
-# **Pilot: learning rate.** The same run, same seed and questions, at $3 \times 10^{-6}$, stopped after
-# 6 steps. Step 1 samples the same answers in both runs (same weights, same seeds); from step 2 on
+# **Pilot: learning rate (planned, not run yet).** The cell below reads a pilot folder that does not
+# exist yet: the same run, same seed and questions, at $3 \times 10^{-6}$, stopped after 6 steps. So
+# far the learning rate rests on chapter 5's pilots and on DeepSeekMath's choice, not on a GSM8K
+# pilot. Step 1 samples the same answers in both runs (same weights, same seeds); from step 2 on
 # the policies differ. Six steps of 32 answers cannot rank learning rates by reward (the reward of a
 # step swings by ±0.2 with its 4 questions), so what we look at is whether the larger rate moves the
 # policy much faster away from the start (KL, entropy, clipping) without a collapse like chapter
@@ -2175,7 +2178,11 @@ else:
           f"policy {mean(rows, 'time_policy'):.1f} s")
 
 # %% [markdown]
-# **Accuracy after each epoch.** EVALS_TEXT
+# **Accuracy after each epoch**, on the same 200 held-out test questions (greedy, the chapter 3
+# chain-of-thought prompt, at most 512 tokens), each compared with the start question by question:
+# how many answers went wrong → right (*gained*) and right → wrong (*lost*), and the exact McNemar p of
+# chapter 2. Also the answers' mean length, how many hit the token limit, and how many boxed their
+# answer.
 
 # %%
 answers = {e["label"]: eval_answers(RECORDS, e["label"]) for e in real["evals"]} if real else {}
@@ -2220,7 +2227,15 @@ else:
     plt.show()
 
 # %% [markdown]
-# FLIPS_TEXT
+# **What the run did.** Nothing measurable to accuracy: 28.0% at the start, 24.0%, 29.5% and again
+# 28.0% after the three epochs (13 gained, 13 lost, p = 1.00). The training reward rose a little
+# (first three steps 0.43, last three 0.47: noise at 32 answers per step), the answers got slightly
+# shorter (291 → 271 tokens at evaluation; truncated 3.5% → 2.0%) and boxed slightly more often
+# (96.5% → 98.0%); the KL to the start stayed at most 0.02 per token. 32 steps at a learning rate of at
+# most $10^{-6}$ moved the weights too little to change what the model can solve, but enough to change
+# every greedy answer's wording: below, not one of the 200 final answers is the same text as at the
+# start, and 26 verdicts flipped, evenly in both directions. That churn is the noise floor any claimed
+# gain must clear.
 
 # %%
 if start_answers and len(eval_rows) > 1:
@@ -2241,7 +2256,10 @@ if start_answers and len(eval_rows) > 1:
 # %% [markdown]
 # ### Does GRPO beat inference-time scaling?
 #
-# VERSUS_TEXT
+# The book's question, asked on the problems where all three methods have records: chapter 3's
+# first 40 test questions (its self-consistency run sampled 20 answers each; its first 10 are an
+# N = 10 vote). The greedy chain of thought here is the GRPO run's own start evaluation (25.0% on
+# these 40; chapter 3's batch composition gave 27.5%, the bf16 rounding differences of chapter 3).
 
 # %%
 from rlscratch.scaling import majority_vote
@@ -2292,7 +2310,11 @@ else:
 # %% [markdown]
 # ### Where a step's time goes
 #
-# STEP_TIME_TEXT
+# Generation runs near the engine's benchmark rate (187 vs 212 tokens/s: the run's batches mix
+# prompts and answers of uneven length), and so does the reference pass. The policy update, forward +
+# backward + AdamW, is two thirds of every step, at about the rate of the training benchmark without
+# activation checkpointing, which is what the run used. That benchmark ran *faster* with checkpointing
+# (58 vs 42 tokens/s) on this machine, so a next run should try `--gradient-checkpointing`.
 
 # %%
 from rlscratch.results import REPO_ROOT
@@ -2501,6 +2523,64 @@ print("median seconds per step:", {k: round(v, 2) for k, v in times.items()})
 # above say nothing about speed: they show what the processes cost in exchanges and stand-ins, not
 # what $N$ GPUs gain. The claim this check supports is the other one: the same samples, the same
 # rewards and the same update, whatever the number of processes.
+
+# %% [markdown]
+# ## Summary
+#
+# The loop of this chapter is complete and checked: presets, schedule, pre-pass, skipped zero-signal
+# groups, accumulation that equals one big batch, checkpoints that resume bit for bit (the real run
+# was interrupted several times, twice by the out-of-memory killer, and its resumed step 23 reproduced the
+# interrupted one's reward and length exactly), a Hugging Face export, and the same loop under
+# `torchrun`.
+#
+# The real run on a 2-core CPU answers the book's question only in the negative for now: 32 GRPO
+# steps on 42 training questions (101 minutes) left GSM8K test accuracy where it was (28.0% → 28.0%,
+# n = 200, p = 1.00), so on this budget GRPO did not beat inference-time scaling; neither did
+# self-consistency beat greedy decoding on the 40 questions all methods share. What would change it
+# is scale: many more questions and steps (the GPU settings above), and a learning rate chosen by a
+# GSM8K pilot. The book's results table on 500 questions is the next measurement.
+#
+# ## Exercises
+#
+# Solutions are in the collapsed cells below each exercise (click to expand). Both read the run's
+# records only.
+#
+# **1. How much does greedy decoding churn?** Between two consecutive evaluations the weights move a
+# little, yet many greedy answers change. For each pair of consecutive evaluations, count the answers
+# whose text changed, the verdicts that flipped each way, and the exact McNemar p. Which of the
+# changes in accuracy could be churn alone?
+
+# %% jupyter={"source_hidden": true} tags=["hide-cell"]
+if start_answers and len(eval_rows) > 1:
+    labels = [r["label"] for r in eval_rows]
+    for before, after in zip(labels, labels[1:]):
+        pairs = list(zip(answers[before], answers[after]))
+        changed = sum(a["responses"][0] != b["responses"][0] for a, b in pairs)
+        up = sum(b["correct"][0] and not a["correct"][0] for a, b in pairs)
+        down = sum(a["correct"][0] and not b["correct"][0] for a, b in pairs)
+        print(f"{before:8} -> {after:8}: {changed:3d} of {len(pairs)} texts changed, {up:2d} wrong -> right, "
+              f"{down:2d} right -> wrong, p = {mcnemar_exact(up, down):.2f}")
+# Most texts change between any two evaluations: a small change of the weights moves one token's
+# ranking somewhere in a long answer, and greedy decoding then follows a different path. Flips in both
+# directions are the result; only a clear excess of one direction (a small p) is a change of skill.
+
+# %% [markdown]
+# **2. Did training change short and long answers alike?** Split the 200 evaluation questions by the
+# length of the *starting* model's answer into three equal groups, and compare accuracy at the start
+# and after the last epoch within each group.
+
+# %% jupyter={"source_hidden": true} tags=["hide-cell"]
+if start_answers and len(eval_rows) > 1:
+    last = {r["id"]: r for r in answers[eval_rows[-1]["label"]]}
+    by_length = sorted(start_answers, key=lambda r: r["tokens"][0])
+    for g in range(3):
+        group = by_length[g * len(by_length) // 3:(g + 1) * len(by_length) // 3]
+        before = sum(r["correct"][0] for r in group) / len(group)
+        after = sum(last[r["id"]]["correct"][0] for r in group) / len(group)
+        print(f"start answers of {group[0]['tokens'][0]:3d}-{group[-1]['tokens'][0]:3d} tokens ({len(group)} questions): "
+              f"accuracy {before:.0%} -> {after:.0%}")
+# Long starting answers are the harder questions (more steps), and the ones the 300-token training
+# budget cut most often; compare the groups' changes with their sizes before reading anything into them.
 
 # %%
 import shutil
