@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from rlscratch.data import load_gsm8k
-from rlscratch.evaluate import EvalSettings, evaluate, mcnemar_exact, wilson_interval
+from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, wilson_interval
 from rlscratch.model import OFFLINE_MODEL, OFFLINE_SHA256, cache_dir, describe_hardware
 from rlscratch.results import results_dir
 from rlscratch.scaling import majority_vote
@@ -215,9 +215,8 @@ def table(args, problems) -> dict:
         entry = {"n": len(ids), "accuracy": right / len(ids), "ci95": list(wilson_interval(right, len(ids))),
                  "mean_tokens": sum(tokens[row]) / len(ids), "cpu_minutes": sum(seconds[row]) / 60}
         if row != "cot" and "cot" in verdicts:
-            wins = sum(a and not b for a, b in zip(verdicts[row], verdicts["cot"]))
-            losses = sum(b and not a for a, b in zip(verdicts[row], verdicts["cot"]))
-            entry.update(vs_cot={"gained": wins, "lost": losses, "p": mcnemar_exact(wins, losses)})
+            paired = compare_paired(verdicts[row], verdicts["cot"])
+            entry.update(vs_cot={"gained": paired["wins"], "lost": paired["losses"], "p": paired["p_value"]})
         out[name] = entry
     return out
 

@@ -1975,7 +1975,7 @@ import json
 import shutil
 import textwrap
 
-from rlscratch.evaluate import mcnemar_exact, wilson_interval
+from rlscratch.evaluate import compare_paired, wilson_interval
 from rlscratch.model import OFFLINE_SHA256
 from rlscratch.results import results_dir
 
@@ -2200,12 +2200,11 @@ else:
             continue
         assert [r["id"] for r in recs] == [r["id"] for r in start_answers]  # the same questions, in the same order
         now = [bool(r["correct"][0]) for r in recs]
-        before = [bool(start_by_id[r["id"]]["correct"][0]) for r in recs]
-        gained = sum(a and not b for a, b in zip(now, before))
-        lost = sum(b and not a for a, b in zip(now, before))
+        paired = compare_paired(now, [bool(start_by_id[r["id"]]["correct"][0]) for r in recs])
+        gained, lost = paired["wins"], paired["losses"]
         row = {"label": e["label"], "step": e["step"], "n": len(recs), "accuracy": sum(now) / len(recs),
                "ci95": wilson_interval(sum(now), len(recs)), "gained": gained, "lost": lost,
-               "p": mcnemar_exact(gained, lost), "tokens": sum(r["tokens"][0] for r in recs) / len(recs),
+               "p": paired["p_value"], "tokens": sum(r["tokens"][0] for r in recs) / len(recs),
                "truncated": sum(r["finish"][0] == "length" for r in recs) / len(recs),
                "boxed": sum(r["rules"][0] == "boxed" for r in recs) / len(recs)}
         eval_rows.append(row)
@@ -2302,9 +2301,8 @@ else:
         low, high = wilson_interval(k, n_common)
         line = f"{name:36} {k / n_common:9.1%} [{low:5.1%}, {high:5.1%}] {sum(tokens[name]) / n_common:15.0f}"
         if name != grpo_name:
-            g = sum(methods[grpo_name][i] and not right[i] for i in votes)
-            l = sum(right[i] and not methods[grpo_name][i] for i in votes)
-            line += f" {g:11d} {l:5d} {mcnemar_exact(g, l):6.2f}"
+            paired = compare_paired([methods[grpo_name][i] for i in votes], [right[i] for i in votes])
+            line += f" {paired['wins']:11d} {paired['losses']:5d} {paired['p_value']:6.2f}"
         print(line)
 
 # %% [markdown]
@@ -2556,10 +2554,9 @@ if start_answers and len(eval_rows) > 1:
     for before, after in zip(labels, labels[1:]):
         pairs = list(zip(answers[before], answers[after]))
         changed = sum(a["responses"][0] != b["responses"][0] for a, b in pairs)
-        up = sum(b["correct"][0] and not a["correct"][0] for a, b in pairs)
-        down = sum(a["correct"][0] and not b["correct"][0] for a, b in pairs)
-        print(f"{before:8} -> {after:8}: {changed:3d} of {len(pairs)} texts changed, {up:2d} wrong -> right, "
-              f"{down:2d} right -> wrong, p = {mcnemar_exact(up, down):.2f}")
+        paired = compare_paired([b["correct"][0] for a, b in pairs], [a["correct"][0] for a, b in pairs])
+        print(f"{before:8} -> {after:8}: {changed:3d} of {len(pairs)} texts changed, {paired['wins']:2d} wrong -> right, "
+              f"{paired['losses']:2d} right -> wrong, p = {paired['p_value']:.2f}")
 # Most texts change between any two evaluations: a small change of the weights moves one token's
 # ranking somewhere in a long answer, and greedy decoding then follows a different path. Flips in both
 # directions are the result; only a clear excess of one direction (a small p) is a change of skill.
