@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from rlscratch.data import Problem
 from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, mcnemar_exact, wilson_interval
+from rlscratch.model import weights_fingerprint
+from rlscratch.results import results_dir
 from rlscratch.prompts import chat_messages, format_prompt, render_chat
 from rlscratch.verify import CHAT_MARKERS, answers_match, extract
 
@@ -121,8 +127,16 @@ def calibration_error(bins: Sequence[dict]) -> float:
     return sum(b["count"] / total * abs(b["accuracy"] - b["mean_confidence"]) for b in bins)
 
 
+def calibrated(bins: Sequence[dict], score: float) -> float:
+    """P(correct) for a raw `score`: the accuracy of the `reliability_bins` bin (fitted on train scores) whose
+    score range holds it; scores between two bins or outside all of them take the nearest bin below (or the first)."""
+    if not bins:
+        raise ValueError("calibration needs at least one bin")
+    return bins[bisect.bisect_right([b["low"] for b in bins[1:]], score)]["accuracy"]
+
+
 FEEDBACK = ("confidence", "verifier")
-CONFIDENCE_FEEDBACK = ("Your confidence in this answer is {confidence:.0%}. Check your solution step by step for "
+CONFIDENCE_FEEDBACK = ("Estimated chance that this answer is right: {confidence:.0%}. Check your solution step by step for "
                        "mistakes. If you find one, correct it and solve the problem again; if not, keep your "
                        "answer. Put your final answer within \\boxed{{}}.")
 VERIFIER_FEEDBACK = ("Your answer is wrong. Find the mistake in your solution, correct it and solve the problem "
@@ -130,8 +144,8 @@ VERIFIER_FEEDBACK = ("Your answer is wrong. Find the mistake in your solution, c
 
 
 def feedback_message(kind: str, *, confidence: float | None = None) -> str:
-    """The user turn after an answer. "confidence" (deployable): the answer's confidence, a probability, and a
-    request to check the work; "verifier" (an oracle that knows the answer is wrong): find the mistake."""
+    """The user turn after an answer. "confidence" (deployable): the answer's estimated chance of being right (a
+    probability, e.g. `calibrated`) and a request to check the work; "verifier" (an oracle that knows the answer is wrong): find the mistake."""
     if kind == "confidence":
         if confidence is None:
             raise ValueError("confidence feedback needs the answer's confidence")
@@ -163,19 +177,62 @@ def choose_round(rounds: Sequence[dict], select: str, score: str = "mean") -> in
     raise ValueError(f"select must be one of {SELECT}, got {select!r}")
 
 
+@torch.no_grad()
+def response_logprobs(model, tokenizer, prompt: str, token_ids: Sequence[int]) -> list[float]:
+    """log p(token_ids[i] | prompt, token_ids[:i]) at temperature 1, from one forward pass: the response scored
+    as an answer to `prompt`, whatever conversation it was generated in."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + list(token_ids)], device=device)
+    hidden = model(ids, return_hidden=True)[0, len(prompt_ids) - 1:-1]  # the positions that predict the response
+    logits = model.lm_head(hidden).float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].tolist()
+
+
+class RescoreCache:
+    """`response_confidence` of answers re-scored as first answers, kept in a JSONL file (one forward pass over
+    a long conversation's answer costs seconds on a CPU, so a re-executed notebook should not pay it again).
+    Keyed by the model's weights, the prompt and the answer's token ids."""
+
+    def __init__(self, path: Path, model):
+        self.path, self.model, self.weights = path, model, weights_fingerprint(model)
+        self.scores: dict[str, dict[str, float]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interruption: that answer is re-scored
+                    continue
+                self.scores[entry["key"]] = entry["confidence"]
+
+    def __call__(self, tokenizer, prompt: str, text: str, token_ids: Sequence[int]) -> dict[str, float]:
+        key = hashlib.sha256(json.dumps([self.weights, prompt, list(token_ids)]).encode()).hexdigest()
+        if key not in self.scores:
+            lps = response_logprobs(self.model, tokenizer, prompt, token_ids)
+            self.scores[key] = response_confidence(tokenizer, text, token_ids, lps)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "confidence": self.scores[key]}) + "\n")
+        return self.scores[key]
+
+
 def _round_entry(tokenizer, record: dict, round_: int, prompt_tokens: int) -> dict:
+    confidence = record_confidences(tokenizer, record)[0]
     return {"round": round_, "response": record["responses"][0], "answer": record["extracted"][0],
             "correct": bool(record["correct"][0]), "finish": record["finish"][0], "tokens": record["tokens"][0],
             "generated": record["tokens"][0], "prompt_tokens": prompt_tokens, "seconds": record["seconds"],
-            "confidence": record_confidences(tokenizer, record)[0], "feedback": None}
+            "confidence": confidence, "confidence_in_turn": confidence, "feedback": None}
 
 
 def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, feedback: str, select: str = "latest",
-                score: str = "mean", model_name: str, template: str = "step_by_step", max_new_tokens: int = 512,
-                batch_size: int = 16, run_dir: Path | None = None, progress: bool = True) -> list[dict]:
+                score: str = "mean", calibration: Sequence[dict] | None = None, model_name: str,
+                template: str = "step_by_step", max_new_tokens: int = 512, batch_size: int = 16,
+                run_dir: Path | None = None, progress: bool = True) -> list[dict]:
     """Answer each problem (greedy), then `rounds` times: score the answer, send it back with feedback (see
     `feedback_message`; the oracle "verifier" refines only wrong answers) and record the new answer.
 
+    Every answer's `confidence` scores are computed as an answer to the round-0 prompt (`response_logprobs`),
+    so rounds compare fairly; `confidence_in_turn` keeps the scores as generated in the conversation. The
+    confidence told to the model is `calibrated(calibration, score)`, or exp(score) without a calibration.
     Each round is one batched, recorded and resumable `evaluate` run. Returns one trace per problem:
     {"id", "gold", "rounds": [round 0, ..., round `rounds`], "final": the chosen round (`choose_round`)};
     a round holds the response, answer, correctness, length, confidence scores, prompt tokens, tokens
@@ -186,16 +243,18 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
         raise ValueError(f"bad feedback={feedback!r}, select={select!r} or score={score!r}")
     base = EvalSettings(model=model_name, template=template, max_new_tokens=max_new_tokens)
     traces = [{"id": p.id, "gold": p.answer, "rounds": []} for p in problems]
+    first_prompts = [format_prompt(tokenizer, p.question, template) for p in problems]
+    rescore = RescoreCache(Path(run_dir or results_dir() / "runs") / "rescored.jsonl", model) if rounds else None
     for r in range(rounds + 1):
         if r == 0:
-            active = list(range(len(problems)))
-            prompts = [format_prompt(tokenizer, p.question, template) for p in problems]
-            stage = "refine-r0"
+            active, prompts, stage = list(range(len(problems))), first_prompts, "refine-r0"
         else:
             active = [i for i, t in enumerate(traces) if feedback == "confidence" or not t["rounds"][-1]["correct"]]
             for i in active:
                 last = traces[i]["rounds"][-1]
-                last["feedback"] = feedback_message(feedback, confidence=math.exp(last["confidence"][score]))
+                value = last["confidence"][score]
+                told = calibrated(calibration, value) if calibration else math.exp(value)
+                last["feedback"] = feedback_message(feedback, confidence=told)
             prompts = [render_chat(tokenizer, refinement_messages(
                 problems[i].question, [(e["response"], e["feedback"]) for e in traces[i]["rounds"]], template))
                 for i in active]
@@ -207,6 +266,9 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
                                token_logprobs=True)
             for i, prompt, record in zip(active, prompts, records):
                 fresh[i] = _round_entry(tokenizer, record, r, len(tokenizer.encode(prompt, add_special_tokens=False)))
+                if r > 0:  # re-scored as a first answer, comparable with round 0 (already scored in that context)
+                    fresh[i]["confidence"] = rescore(tokenizer, first_prompts[i], record["responses"][0],
+                                                     record["token_ids"][0])
         for i, trace in enumerate(traces):
             if i in fresh:
                 trace["rounds"].append(fresh[i])
@@ -231,11 +293,12 @@ def flips(before: Sequence[bool], after: Sequence[bool]) -> dict[str, int]:
             "wrong_wrong": table["neither"]}
 
 
-def round_table(traces: Sequence[dict], *, score: str = "mean") -> list[dict]:
+def round_table(traces: Sequence[dict], *, score: str = "mean", calibration: Sequence[dict] | None = None) -> list[dict]:
     """Per round r: accuracy of the round's answers (95% Wilson interval), flips since round r-1, answers
-    changed, exact McNemar p against round 0, accuracy when choosing by confidence among rounds 0..r (and
-    its p), mean length, prompt tokens and seconds of the answers generated in round r, tokens generated
-    per problem, and the mean confidence exp(score) of the round's answers."""
+    changed, new answers repeating the previous response word for word, exact McNemar p against round 0,
+    accuracy when choosing by confidence among rounds 0..r (and its p), mean length, prompt tokens and seconds
+    of the answers generated in round r, tokens generated per problem, the mean `score` of the round's answers
+    re-scored and as generated in the conversation, and their mean confidence (`calibrated`, else exp(score))."""
     n, rows = len(traces), []
     first = [t["rounds"][0]["correct"] for t in traces]
     for r in range(len(traces[0]["rounds"])):
@@ -247,11 +310,15 @@ def round_table(traces: Sequence[dict], *, score: str = "mean") -> list[dict]:
         picked = [e["correct"] for e in final_rounds(traces, k=r, select="confidence", score=score)]
         picked0 = flips(first, picked)
         right = sum(verdicts)
+        told = [calibrated(calibration, e["confidence"][score]) if calibration else math.exp(e["confidence"][score])
+                for e in now]
         rows.append({
             "round": r, "n": n, "new": len(new), "accuracy": right / n, "ci95": list(wilson_interval(right, n)),
             "wrong_right": step["wrong_right"], "right_wrong": step["right_wrong"],
             "changed": sum(a["answer"] != b["answer"] and not answers_match(a["answer"], b["answer"])
                            for a, b in zip(prev, now)),
+            "repeated": sum(b["generated"] > 0 and r > 0 and a["response"].strip() == b["response"].strip()
+                            for a, b in zip(prev, now)),
             "p_vs_round0": mcnemar_exact(since0["wrong_right"], since0["right_wrong"]),
             "selected_accuracy": sum(picked) / n,
             "p_selected_vs_round0": mcnemar_exact(picked0["wrong_right"], picked0["right_wrong"]),
@@ -259,6 +326,8 @@ def round_table(traces: Sequence[dict], *, score: str = "mean") -> list[dict]:
             "mean_prompt_tokens": sum(e["prompt_tokens"] for e in new) / max(1, len(new)),
             "generated_per_problem": sum(e["generated"] for e in now) / n,
             "seconds": sum(e["seconds"] for e in new),
-            "mean_confidence": sum(math.exp(e["confidence"][score]) for e in now) / n,
+            "mean_score": sum(e["confidence"][score] for e in now) / n,
+            "mean_score_in_turn": sum(e["confidence_in_turn"][score] for e in now) / n,
+            "mean_confidence": sum(told) / n,
         })
     return rows

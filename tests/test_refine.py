@@ -6,13 +6,15 @@ import random
 import pytest
 
 import rlscratch.evaluate as E
+import rlscratch.refine as R
 from rlscratch.data import Problem
 from rlscratch.generate import Completion
 from rlscratch.prompts import chat_messages, format_prompt, render_chat
-from rlscratch.refine import (answer_char_span, auroc, calibration_error, choose_round, confidence_scores,
+from rlscratch.generate import generate
+from rlscratch.refine import (answer_char_span, auroc, calibrated, calibration_error, choose_round, confidence_scores,
                               feedback_message, final_rounds, flips, mcnemar_exact, record_confidences,
-                              refinement_messages, reliability_bins, response_confidence, round_table, self_refine,
-                              token_span)
+                              refinement_messages, reliability_bins, response_confidence, response_logprobs,
+                              round_table, self_refine, token_span)
 
 # ---------------------------------------------------------------- confidence scores
 
@@ -125,6 +127,15 @@ def test_reliability_bins_and_calibration_error():
     assert calibration_error(perfect) == 0.0
 
 
+def test_calibrated_reads_the_bin_of_a_raw_score():
+    bins = reliability_bins([-40.0, -30.0, -20.0, -12.0, -8.0, -2.0], [0, 0, 1, 0, 1, 1], bins=3)
+    assert [(b["low"], b["high"], b["accuracy"]) for b in bins] == [(-40, -30, 0.0), (-20, -12, 0.5), (-8, -2, 1.0)]
+    assert [calibrated(bins, s) for s in (-1e9, -35.0, -25.0, -20.0, -10.0, -8.0, 0.0)] == [0, 0, 0, 0.5, 0.5, 1, 1]
+    assert calibrated(bins, -math.inf) == 0.0
+    with pytest.raises(ValueError):
+        calibrated([], -1.0)
+
+
 def test_flips_and_exact_mcnemar():
     assert flips([1, 1, 0, 0, 0], [1, 0, 1, 1, 0]) == {"right_right": 1, "right_wrong": 1, "wrong_right": 2,
                                                        "wrong_wrong": 1}
@@ -184,10 +195,17 @@ SCRIPT = {"alpha": [("7", -0.1)] * 4,  # right from the start
 
 
 class StubEngine:
-    """Stands in for `generate`: answers from SCRIPT by problem and round (the round = assistant turns so far)."""
+    """Stands in for `generate`: answers from SCRIPT by problem and round (the round = assistant turns so far).
+    `rescore` stands in for `response_logprobs`: an answer scores `rescore_shift` more as a first answer."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.calls = tokenizer, []
+        self.tokenizer, self.calls, self.lp_of, self.rescore_shift, self.rescored = tokenizer, [], {}, 0.0, []
+
+    def rescore(self, model, tokenizer, prompt, token_ids):
+        assert prompt.count("<|im_start|>assistant") == 1  # always the round-0 prompt
+        self.rescored.append(prompt)
+        name = next(n for n in SCRIPT if f"Problem {n}:" in prompt)
+        return [self.lp_of.get((name, tuple(token_ids)), -0.3) + self.rescore_shift] * len(token_ids)
 
     def __call__(self, model, tokenizer, prompts, **kw):
         self.calls.append(list(prompts))
@@ -198,6 +216,7 @@ class StubEngine:
             answer, lp = SCRIPT[name][r]
             text = f"Round {r}: the result is \\boxed{{{answer}}}"
             ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+            self.lp_of[name, tuple(ids)] = lp
             out.append(Completion(prompt_index=k, sample_index=0, text=text, token_ids=ids,
                                   logprobs=[lp] * len(ids), finish_reason="stop"))
         return out
@@ -208,6 +227,8 @@ def stub(tokenizer, monkeypatch):
     engine = StubEngine(tokenizer)
     monkeypatch.setattr(E, "generate", engine)
     monkeypatch.setattr(E, "weights_fingerprint", lambda model: "stub-weights")
+    monkeypatch.setattr(R, "response_logprobs", engine.rescore)
+    monkeypatch.setattr(R, "weights_fingerprint", lambda model: "stub-weights")
     return engine
 
 
@@ -262,6 +283,41 @@ def test_confidence_feedback_prompts_bookkeeping_and_selection(tokenizer, tmp_pa
     assert table[3]["mean_confidence"] == pytest.approx(sum(math.exp(lp) for lp in (-0.1, -0.2, -0.9, -0.7)) / 4)
 
 
+def test_later_rounds_are_rescored_as_first_answers_and_the_feedback_is_calibrated(tokenizer, tmp_path, stub):
+    stub.rescore_shift = -1.0  # as first answers, refined answers are less likely than in their conversation
+    bins = reliability_bins([-2.0, -1.5, -0.5, -0.1], [0, 0, 1, 1], bins=2)  # P(correct): 0 below -0.5, else 1
+    traces = run(tokenizer, tmp_path, calibration=bins, select="confidence")
+    assert len(stub.rescored) == 3 * 4  # every refined answer, none of round 0 (already in that context)
+    assert len((tmp_path / "rescored.jsonl").read_text().splitlines()) == 3 * 4
+    stub.rescored.clear()
+    assert run(tokenizer, tmp_path, calibration=bins, select="confidence") == traces and stub.rescored == []  # cached
+    delta = traces[3]["rounds"]
+    assert delta[0]["confidence"] == delta[0]["confidence_in_turn"] and delta[0]["confidence"]["mean"] == -0.05
+    assert delta[1]["confidence_in_turn"]["mean"] == pytest.approx(-0.7)
+    assert delta[1]["confidence"]["mean"] == pytest.approx(-1.7)  # re-scored
+    assert delta[0]["feedback"] == feedback_message("confidence", confidence=1.0)  # -0.05: the upper bin
+    assert delta[1]["feedback"] == feedback_message("confidence", confidence=0.0)  # -1.7: the lower bin
+    assert "chance that this answer is right: 100%" in delta[0]["feedback"]
+    # selection compares the re-scored answers: round 0 wins everywhere (the later rounds lost 1.0 each)
+    assert [t["final"] for t in traces] == [0, 0, 0, 0]
+    table = round_table(traces, score="mean", calibration=bins)
+    assert table[0]["mean_confidence"] == pytest.approx(sum(calibrated(bins, lp) for lp in (-0.1, -0.5, -0.3, -0.05)) / 4)
+    assert table[1]["mean_score"] == pytest.approx(table[1]["mean_score_in_turn"] - 1.0)
+
+
+def test_round_table_counts_word_for_word_repeats():
+    def entry(r, text, generated=5):
+        conf = {"total": -1.0, "mean": -0.1, "min": -0.5, "answer": -0.01}
+        return {"round": r, "response": text, "answer": text.strip()[-1], "correct": text.strip()[-1] == "7", "tokens": 5,
+                "generated": generated, "prompt_tokens": 10, "seconds": 1.0, "confidence": conf,
+                "confidence_in_turn": conf}
+    traces = [{"rounds": [entry(0, "so 7"), entry(1, "so 7 "), entry(2, "so 7", generated=0)]},  # repeats; skipped
+              {"rounds": [entry(0, "so 5"), entry(1, "hence 7"), entry(2, "hence 7")]}]
+    table = round_table(traces, score="mean")
+    assert [row["repeated"] for row in table] == [0, 1, 1]  # a round that was not refined repeats nothing
+    assert [row["accuracy"] for row in table] == [0.5, 1.0, 1.0]
+
+
 def test_rounds_resume_and_are_redone_when_an_earlier_answer_changes(tokenizer, tmp_path, stub, monkeypatch):
     real = StubEngine.__call__
 
@@ -308,8 +364,23 @@ def test_self_refine_with_a_tiny_model(tiny_model, tokenizer, tmp_path):
         r0, r1 = t["rounds"]
         assert 1 <= r0["generated"] <= 4 and 1 <= r1["generated"] <= 4 and r1["prompt_tokens"] > r0["prompt_tokens"]
         assert set(r0["confidence"]) == {"total", "mean", "min", "answer"} and r0["confidence"]["mean"] <= 0
+    for t in traces:  # round 1 re-scored in round 0's context: the real forward pass, not the stub
+        r1 = t["rounds"][1]
+        assert r1["confidence"] != r1["confidence_in_turn"]
     [r1_file] = tmp_path.glob("*-refine-confidence-mean-r1-*.jsonl")
     records = [json.loads(line) for line in r1_file.read_text().splitlines()]
     for t, record in zip(traces, records):
         assert f"<|im_start|>assistant\n{t['rounds'][0]['response']}<|im_end|>" in record["prompt"]
         assert len(record["token_ids"][0]) == len(record["logprobs"][0]) == record["tokens"][0]
+
+
+def test_response_logprobs_match_what_the_engine_recorded(tiny_model, tokenizer):
+    """Scoring a generated answer in its own prompt gives back the engine's per-token log-probs."""
+    prompt = format_prompt(tokenizer, "What is 2 + 3?", "step_by_step")
+    [done] = generate(tiny_model, tokenizer, [prompt], max_new_tokens=12, temperature=1.0, seed=3)
+    again = response_logprobs(tiny_model, tokenizer, prompt, done.token_ids)
+    assert len(again) == len(done.logprobs) == len(done.token_ids)
+    assert again == pytest.approx(done.logprobs, abs=1e-4)
+    other = response_logprobs(tiny_model, tokenizer, format_prompt(tokenizer, "Name a color.", "step_by_step"),
+                              done.token_ids)
+    assert other != pytest.approx(done.logprobs, abs=1e-4)  # the context matters

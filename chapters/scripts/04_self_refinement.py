@@ -180,12 +180,18 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from rlscratch.data import Problem
 from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, mcnemar_exact, wilson_interval
+from rlscratch.model import weights_fingerprint
+from rlscratch.results import results_dir
 from rlscratch.prompts import chat_messages, format_prompt, render_chat
 from rlscratch.verify import CHAT_MARKERS, answers_match, extract
 
@@ -510,8 +516,44 @@ plt.show()
 # responses, right or wrong). `min` lies *above* the diagonal (underconfident, ECE 0.12): a single
 # unlikely token is common in a long response, right or wrong. A miscalibrated score can still rank
 # well, and ranking is all that selection by confidence needs; but as a number told to the model it
-# misstates the odds, and the feedback below states it as is.
+# misstates the odds. The chosen score `total` has no probability reading at all ($e^{\text{total}}$
+# prints as 0%).
 #
+# **A number worth telling the model.** The refinement loop will tell the model how confident it
+# should be in its answer. That number should (a) vary with the chosen score, so that it carries the
+# score's ranking, and (b) mean what it says. The train responses give both at once: cut them into
+# bins by their score and use each bin's *accuracy* as the confidence of any answer whose score falls
+# in that bin. This is **histogram binning** (Zadrozny and Elkan 2001), the simplest calibration map:
+# on train it is calibrated by construction, and it keeps the order of the score (up to ties within a
+# bin). It is fitted once here, on train, and applied unchanged to test answers.
+
+# %%
+#| export: refine
+def calibrated(bins: Sequence[dict], score: float) -> float:
+    """P(correct) for a raw `score`: the accuracy of the `reliability_bins` bin (fitted on train scores) whose
+    score range holds it; scores between two bins or outside all of them take the nearest bin below (or the first)."""
+    if not bins:
+        raise ValueError("calibration needs at least one bin")
+    return bins[bisect.bisect_right([b["low"] for b in bins[1:]], score)]["accuracy"]
+
+
+# %%
+check = reliability_bins([-9.0, -7.0, -3.0, -1.0], [0, 1, 1, 1], bins=2)
+assert [calibrated(check, s) for s in (-100.0, -7.0, -5.0, -3.0, 0.0)] == [0.5, 0.5, 0.5, 1.0, 1.0]
+
+train_scores = [r[BEST_SCORE] for r in rows]
+CALIBRATION = reliability_bins(train_scores, labels, bins=8)
+print(f"calibration map for {BEST_SCORE}, fitted on {len(rows)} train responses")
+print(f"{'score from':>11} {'to':>8} {'responses':>9} {'P(correct)':>10}")
+for b in CALIBRATION:
+    print(f"{b['low']:11.1f} {b['high']:8.1f} {b['count']:9d} {b['accuracy']:10.0%}")
+for name in ("mean", "min", "answer"):
+    print(f"ECE of exp({name}): {calibration_error(reliability_bins([math.exp(r[name]) for r in rows], labels)):.2f}")
+told = [calibrated(CALIBRATION, s) for s in train_scores]
+print(f"ECE of the binned map on its own train responses: {calibration_error(reliability_bins(told, labels)):.2f}")
+print(f"AUROC on train: {BEST_SCORE} {auroc(train_scores, labels):.3f}, binned {auroc(told, labels):.3f} (ties inside bins)")
+
+# %% [markdown]
 # ## 2. The refinement loop
 #
 # ### 2.1 A conversation with the model's own answer
@@ -526,9 +568,9 @@ plt.show()
 #
 # Two kinds of feedback:
 #
-# * **confidence** (deployable: it needs no gold answer): the answer's confidence, $e^{\text{score}}$
-#   with the score chosen on train, and a request to check the work and fix any error — or keep the
-#   answer (see the flaw below);
+# * **confidence** (deployable: it needs no gold answer): the answer's confidence, the train
+#   accuracy of answers with a similar score (`calibrated`, section 1.5), and a request to check the
+#   work and fix any error, or keep the answer;
 # * **verifier** (an oracle: it knows the gold answer): "your answer is wrong, find the mistake", sent
 #   only after wrong answers; a correct answer ends that problem's refinement. No deployed system has
 #   this signal, so it is an **upper bound** on what this kind of feedback could do, never a row of the
@@ -537,22 +579,17 @@ plt.show()
 # In both cases the model critiques and corrects in the same turn ("check… if you find a mistake,
 # correct it"), so one refinement round costs one generation.
 #
-# **A flaw of this run's design.** The score chosen in section 1.4 is `total`, and $e^{\text{total}}$ is
+# **Why not $e^{\text{score}}$?** A first version of this chapter told the model $e^{\text{total}}$,
 # the probability of the whole text: about $e^{-13}$ even for the short example of section 1.2, far
-# less for a typical answer of ~290 tokens (the warning of section 1.5). Printed as a percentage it
-# reads "0%": for every first answer and every round-1 answer of the stored run (the *conf.* column of
-# section 3 averages 0.00 there). So the "deployable" feedback said the same thing to nearly every
-# problem and carried almost no information about the answer; the model may even read "0%" as "your
-# answer is wrong" (the conversation in section 2.3 shows one such answer). The fix: tell the model a
-# number that varies between answers on a probability-like scale, such as the per-token
-# $e^{\text{mean}}$, or the percentile of the answer's score among the train responses' scores ("more
-# confident than 30% of answers"). The results below stand as measured, for the feedback as it was
-# sent.
+# less for a typical answer of ~290 tokens. Printed as a percentage it read "0%" for nearly every
+# answer, so the "deployable" feedback said the same thing to every problem, and the model sometimes
+# read "0%" as "your answer is wrong". The calibrated number varies between answers and is honest
+# about the odds on train.
 
 # %%
 #| export: refine
 FEEDBACK = ("confidence", "verifier")
-CONFIDENCE_FEEDBACK = ("Your confidence in this answer is {confidence:.0%}. Check your solution step by step for "
+CONFIDENCE_FEEDBACK = ("Estimated chance that this answer is right: {confidence:.0%}. Check your solution step by step for "
                        "mistakes. If you find one, correct it and solve the problem again; if not, keep your "
                        "answer. Put your final answer within \\boxed{{}}.")
 VERIFIER_FEEDBACK = ("Your answer is wrong. Find the mistake in your solution, correct it and solve the problem "
@@ -560,8 +597,8 @@ VERIFIER_FEEDBACK = ("Your answer is wrong. Find the mistake in your solution, c
 
 
 def feedback_message(kind: str, *, confidence: float | None = None) -> str:
-    """The user turn after an answer. "confidence" (deployable): the answer's confidence, a probability, and a
-    request to check the work; "verifier" (an oracle that knows the answer is wrong): find the mistake."""
+    """The user turn after an answer. "confidence" (deployable): the answer's estimated chance of being right (a
+    probability, e.g. `calibrated`) and a request to check the work; "verifier" (an oracle that knows the answer is wrong): find the mistake."""
     if kind == "confidence":
         if confidence is None:
             raise ValueError("confidence feedback needs the answer's confidence")
@@ -617,6 +654,20 @@ print(round1[-420:])
 # * `confidence`: the round whose answer has the highest confidence score — a guard against a round
 #   that talks the model out of a right answer, using the score validated on train.
 #
+# Selection compares the confidence of answers written in different contexts, and that needs care.
+# The round-2 answer was written *after* the round-0 and round-1 answers were in the conversation;
+# if it repeats one of them, every token is easy to predict (the model can copy), so its log-prob is
+# close to 0 whether the answer is right or not: confidence in copying, not in the mathematics. A
+# first version of this chapter fell into that trap: the mean $e^{\text{total}}$ was 0.00 in rounds 0
+# and 1 and jumped to 0.46 in rounds 2-3, and "most confident round" meant "latest round". So every
+# answer is **re-scored in the same context**, the round-0 prompt (question only), with one forward
+# pass over prompt + answer (`response_logprobs`): "how likely would this answer be as a first
+# answer to the question?" That score is comparable across rounds, and it is the score the train
+# calibration was fitted on. The loop keeps both: `confidence` (re-scored; used for the feedback and
+# for selection) and `confidence_in_turn` (as generated, in the conversation). A forward pass over a
+# 1,000-token conversation answer takes seconds on a CPU, so the re-scored values are kept on disk
+# (`RescoreCache`, next to the harness records) and a re-executed notebook reads them back.
+#
 # We fix the results row's rule *before* seeing test results: `confidence`. The reason is the
 # known weakness of self-correction without an oracle: Huang et al. (2023, "Large Language Models
 # Cannot Self-Correct Reasoning Yet") found that asking models to review and revise their answers,
@@ -640,19 +691,62 @@ def choose_round(rounds: Sequence[dict], select: str, score: str = "mean") -> in
     raise ValueError(f"select must be one of {SELECT}, got {select!r}")
 
 
+@torch.no_grad()
+def response_logprobs(model, tokenizer, prompt: str, token_ids: Sequence[int]) -> list[float]:
+    """log p(token_ids[i] | prompt, token_ids[:i]) at temperature 1, from one forward pass: the response scored
+    as an answer to `prompt`, whatever conversation it was generated in."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + list(token_ids)], device=device)
+    hidden = model(ids, return_hidden=True)[0, len(prompt_ids) - 1:-1]  # the positions that predict the response
+    logits = model.lm_head(hidden).float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].tolist()
+
+
+class RescoreCache:
+    """`response_confidence` of answers re-scored as first answers, kept in a JSONL file (one forward pass over
+    a long conversation's answer costs seconds on a CPU, so a re-executed notebook should not pay it again).
+    Keyed by the model's weights, the prompt and the answer's token ids."""
+
+    def __init__(self, path: Path, model):
+        self.path, self.model, self.weights = path, model, weights_fingerprint(model)
+        self.scores: dict[str, dict[str, float]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interruption: that answer is re-scored
+                    continue
+                self.scores[entry["key"]] = entry["confidence"]
+
+    def __call__(self, tokenizer, prompt: str, text: str, token_ids: Sequence[int]) -> dict[str, float]:
+        key = hashlib.sha256(json.dumps([self.weights, prompt, list(token_ids)]).encode()).hexdigest()
+        if key not in self.scores:
+            lps = response_logprobs(self.model, tokenizer, prompt, token_ids)
+            self.scores[key] = response_confidence(tokenizer, text, token_ids, lps)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "confidence": self.scores[key]}) + "\n")
+        return self.scores[key]
+
+
 def _round_entry(tokenizer, record: dict, round_: int, prompt_tokens: int) -> dict:
+    confidence = record_confidences(tokenizer, record)[0]
     return {"round": round_, "response": record["responses"][0], "answer": record["extracted"][0],
             "correct": bool(record["correct"][0]), "finish": record["finish"][0], "tokens": record["tokens"][0],
             "generated": record["tokens"][0], "prompt_tokens": prompt_tokens, "seconds": record["seconds"],
-            "confidence": record_confidences(tokenizer, record)[0], "feedback": None}
+            "confidence": confidence, "confidence_in_turn": confidence, "feedback": None}
 
 
 def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, feedback: str, select: str = "latest",
-                score: str = "mean", model_name: str, template: str = "step_by_step", max_new_tokens: int = 512,
-                batch_size: int = 16, run_dir: Path | None = None, progress: bool = True) -> list[dict]:
+                score: str = "mean", calibration: Sequence[dict] | None = None, model_name: str,
+                template: str = "step_by_step", max_new_tokens: int = 512, batch_size: int = 16,
+                run_dir: Path | None = None, progress: bool = True) -> list[dict]:
     """Answer each problem (greedy), then `rounds` times: score the answer, send it back with feedback (see
     `feedback_message`; the oracle "verifier" refines only wrong answers) and record the new answer.
 
+    Every answer's `confidence` scores are computed as an answer to the round-0 prompt (`response_logprobs`),
+    so rounds compare fairly; `confidence_in_turn` keeps the scores as generated in the conversation. The
+    confidence told to the model is `calibrated(calibration, score)`, or exp(score) without a calibration.
     Each round is one batched, recorded and resumable `evaluate` run. Returns one trace per problem:
     {"id", "gold", "rounds": [round 0, ..., round `rounds`], "final": the chosen round (`choose_round`)};
     a round holds the response, answer, correctness, length, confidence scores, prompt tokens, tokens
@@ -663,16 +757,18 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
         raise ValueError(f"bad feedback={feedback!r}, select={select!r} or score={score!r}")
     base = EvalSettings(model=model_name, template=template, max_new_tokens=max_new_tokens)
     traces = [{"id": p.id, "gold": p.answer, "rounds": []} for p in problems]
+    first_prompts = [format_prompt(tokenizer, p.question, template) for p in problems]
+    rescore = RescoreCache(Path(run_dir or results_dir() / "runs") / "rescored.jsonl", model) if rounds else None
     for r in range(rounds + 1):
         if r == 0:
-            active = list(range(len(problems)))
-            prompts = [format_prompt(tokenizer, p.question, template) for p in problems]
-            stage = "refine-r0"
+            active, prompts, stage = list(range(len(problems))), first_prompts, "refine-r0"
         else:
             active = [i for i, t in enumerate(traces) if feedback == "confidence" or not t["rounds"][-1]["correct"]]
             for i in active:
                 last = traces[i]["rounds"][-1]
-                last["feedback"] = feedback_message(feedback, confidence=math.exp(last["confidence"][score]))
+                value = last["confidence"][score]
+                told = calibrated(calibration, value) if calibration else math.exp(value)
+                last["feedback"] = feedback_message(feedback, confidence=told)
             prompts = [render_chat(tokenizer, refinement_messages(
                 problems[i].question, [(e["response"], e["feedback"]) for e in traces[i]["rounds"]], template))
                 for i in active]
@@ -684,6 +780,9 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
                                token_logprobs=True)
             for i, prompt, record in zip(active, prompts, records):
                 fresh[i] = _round_entry(tokenizer, record, r, len(tokenizer.encode(prompt, add_special_tokens=False)))
+                if r > 0:  # re-scored as a first answer, comparable with round 0 (already scored in that context)
+                    fresh[i]["confidence"] = rescore(tokenizer, first_prompts[i], record["responses"][0],
+                                                     record["token_ids"][0])
         for i, trace in enumerate(traces):
             if i in fresh:
                 trace["rounds"].append(fresh[i])
@@ -708,9 +807,11 @@ def final_rounds(traces: Sequence[dict], *, k: int, select: str, score: str = "m
 # %%
 from pathlib import Path
 
+import json
+
 scratch = Path(tempfile.mkdtemp())
-demo = dict(rounds=1, score=BEST_SCORE, model_name=MODEL, template=TEMPLATE, max_new_tokens=16,
-            batch_size=BATCH_SIZE, run_dir=scratch, progress=False)
+demo = dict(rounds=1, score=BEST_SCORE, calibration=CALIBRATION, model_name=MODEL, template=TEMPLATE,
+            max_new_tokens=16, batch_size=BATCH_SIZE, run_dir=scratch, progress=False)
 first_pass = {kind: self_refine(model, tokenizer, test[:2], feedback=kind, **demo) for kind in FEEDBACK}
 files = {f.name: f.read_bytes() for f in scratch.glob("*.jsonl")}
 again = {kind: self_refine(model, tokenizer, test[:2], feedback=kind, **demo) for kind in FEEDBACK}
@@ -726,6 +827,15 @@ for kind, traces in first_pass.items():
 print("runs:", sorted(files))
 print("bookkeeping and resume checks passed")
 
+# re-scoring a round-0 answer in its own context must give back the log-probs the engine recorded while
+# generating it (up to bf16 rounding: one forward over the whole text vs. token-by-token decoding)
+[r0_file] = scratch.glob("*-refine-r0-*.jsonl")
+r0_record = json.loads(r0_file.read_text().splitlines()[0])
+again_lps = response_logprobs(model, tokenizer, r0_record["prompt"], r0_record["token_ids"][0])
+gap = max(abs(a - b) for a, b in zip(again_lps, r0_record["logprobs"][0]))
+print(f"re-scored vs recorded log-probs of a round-0 answer: max difference {gap:.3f} over {len(again_lps)} tokens")
+assert len(again_lps) == len(r0_record["logprobs"][0]) and gap < 0.25
+
 # %% [markdown]
 # ### 2.3 The runs
 #
@@ -737,6 +847,7 @@ print("bookkeeping and resume checks passed")
 # %%
 t0 = time.perf_counter()
 runs = {kind: self_refine(model, tokenizer, test, rounds=ROUNDS, feedback=kind, select=ROW_SELECT, score=BEST_SCORE,
+                          calibration=CALIBRATION,
                           model_name=MODEL, template=TEMPLATE, max_new_tokens=MAX_NEW_TOKENS, batch_size=BATCH_SIZE)
         for kind in FEEDBACK}
 print(f"this cell took {(time.perf_counter() - t0) / 60:.1f} min (recorded rounds are reused)")
@@ -807,11 +918,12 @@ def flips(before: Sequence[bool], after: Sequence[bool]) -> dict[str, int]:
             "wrong_wrong": table["neither"]}
 
 
-def round_table(traces: Sequence[dict], *, score: str = "mean") -> list[dict]:
+def round_table(traces: Sequence[dict], *, score: str = "mean", calibration: Sequence[dict] | None = None) -> list[dict]:
     """Per round r: accuracy of the round's answers (95% Wilson interval), flips since round r-1, answers
-    changed, exact McNemar p against round 0, accuracy when choosing by confidence among rounds 0..r (and
-    its p), mean length, prompt tokens and seconds of the answers generated in round r, tokens generated
-    per problem, and the mean confidence exp(score) of the round's answers."""
+    changed, new answers repeating the previous response word for word, exact McNemar p against round 0,
+    accuracy when choosing by confidence among rounds 0..r (and its p), mean length, prompt tokens and seconds
+    of the answers generated in round r, tokens generated per problem, the mean `score` of the round's answers
+    re-scored and as generated in the conversation, and their mean confidence (`calibrated`, else exp(score))."""
     n, rows = len(traces), []
     first = [t["rounds"][0]["correct"] for t in traces]
     for r in range(len(traces[0]["rounds"])):
@@ -823,11 +935,15 @@ def round_table(traces: Sequence[dict], *, score: str = "mean") -> list[dict]:
         picked = [e["correct"] for e in final_rounds(traces, k=r, select="confidence", score=score)]
         picked0 = flips(first, picked)
         right = sum(verdicts)
+        told = [calibrated(calibration, e["confidence"][score]) if calibration else math.exp(e["confidence"][score])
+                for e in now]
         rows.append({
             "round": r, "n": n, "new": len(new), "accuracy": right / n, "ci95": list(wilson_interval(right, n)),
             "wrong_right": step["wrong_right"], "right_wrong": step["right_wrong"],
             "changed": sum(a["answer"] != b["answer"] and not answers_match(a["answer"], b["answer"])
                            for a, b in zip(prev, now)),
+            "repeated": sum(b["generated"] > 0 and r > 0 and a["response"].strip() == b["response"].strip()
+                            for a, b in zip(prev, now)),
             "p_vs_round0": mcnemar_exact(since0["wrong_right"], since0["right_wrong"]),
             "selected_accuracy": sum(picked) / n,
             "p_selected_vs_round0": mcnemar_exact(picked0["wrong_right"], picked0["right_wrong"]),
@@ -835,7 +951,9 @@ def round_table(traces: Sequence[dict], *, score: str = "mean") -> list[dict]:
             "mean_prompt_tokens": sum(e["prompt_tokens"] for e in new) / max(1, len(new)),
             "generated_per_problem": sum(e["generated"] for e in now) / n,
             "seconds": sum(e["seconds"] for e in new),
-            "mean_confidence": sum(math.exp(e["confidence"][score]) for e in now) / n,
+            "mean_score": sum(e["confidence"][score] for e in now) / n,
+            "mean_score_in_turn": sum(e["confidence_in_turn"][score] for e in now) / n,
+            "mean_confidence": sum(told) / n,
         })
     return rows
 
@@ -851,16 +969,17 @@ assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0 and math.isclos
 print("p(9 vs 4) =", round(mcnemar_exact(9, 4), 3))
 
 # %%
-tables = {kind: round_table(runs[kind], score=BEST_SCORE) for kind in FEEDBACK}
+tables = {kind: round_table(runs[kind], score=BEST_SCORE, calibration=CALIBRATION) for kind in FEEDBACK}
 for kind, table in tables.items():
     title = "confidence feedback (deployable)" if kind == "confidence" else "verifier feedback (oracle: upper bound)"
-    print(f"\n{title}, {len(test)} GSM8K test problems, confidence = exp({BEST_SCORE})")
+    print(f"\n{title}, {len(test)} GSM8K test problems, score = {BEST_SCORE}")
     print(f"{'round':>5} {'refined':>7} {'accuracy':>9} {'95% CI':>15} {'w->r':>5} {'r->w':>5} {'changed':>7} "
-          f"{'p vs 0':>7} {'by conf.':>8} {'p vs 0':>7} {'length':>6} {'conf.':>6}")
+          f"{'repeat':>6} {'p vs 0':>7} {'by conf.':>8} {'p vs 0':>7} {'length':>6} {'in turn':>8} {'rescored':>8} {'conf.':>6}")
     for row in table:
         print(f"{row['round']:5d} {row['new']:7d} {row['accuracy']:9.1%} [{row['ci95'][0]:5.1%}, {row['ci95'][1]:5.1%}] "
-              f"{row['wrong_right']:5d} {row['right_wrong']:5d} {row['changed']:7d} {row['p_vs_round0']:7.3f} "
-              f"{row['selected_accuracy']:8.1%} {row['p_selected_vs_round0']:7.3f} {row['mean_tokens']:6.0f} "
+              f"{row['wrong_right']:5d} {row['right_wrong']:5d} {row['changed']:7d} {row['repeated']:6d} "
+              f"{row['p_vs_round0']:7.3f} {row['selected_accuracy']:8.1%} {row['p_selected_vs_round0']:7.3f} "
+              f"{row['mean_tokens']:6.0f} {row['mean_score_in_turn']:8.1f} {row['mean_score']:8.1f} "
               f"{row['mean_confidence']:6.2f}")
 for kind in FEEDBACK:  # the table's bookkeeping adds up: accuracy moves by exactly the flips
     t = tables[kind]
@@ -1008,8 +1127,6 @@ print(f"\nrecorded generation time: confidence study {study_minutes:.1f} min, re
 # chapter 3's rows.
 
 # %%
-import json
-
 from rlscratch.evaluate import wilson_interval
 from rlscratch.results import results_dir
 
@@ -1038,6 +1155,10 @@ print(f"\nvs its own round 0: {f['wrong_right']} gained, {f['right_wrong']} lost
 if not SMOKE:
     earlier[f"chapter04_gsm8k_first_{n_test}"] = {name: refine_row}
     table_path.write_text(json.dumps(earlier, indent=1))
+    # the choices made on train, for the book's results table on more problems (tools/results_table.py)
+    (results_dir() / "04_refine_settings.json").write_text(json.dumps(
+        {"score": BEST_SCORE, "calibration": CALIBRATION, "template": TEMPLATE, "max_new_tokens": MAX_NEW_TOKENS,
+         "rounds": ROW_ROUNDS, "select": ROW_SELECT}, indent=1))
 print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_start) / 60:.1f} min (recorded runs are reused)")
 
 # %% [markdown]
@@ -1109,7 +1230,7 @@ for t in runs["confidence"]:
     last = ROW_ROUNDS if doubtful else 0
     picked.append(t["rounds"][last]["correct"])
     cost += sum(e["generated"] for e in t["rounds"][:last + 1])
-print(f"threshold exp({BEST_SCORE}) < {math.exp(threshold):.2f}: accuracy {sum(picked) / len(picked):.1%}, "
+print(f"threshold {BEST_SCORE} < {threshold:.1f} (calibrated {calibrated(CALIBRATION, threshold):.0%}): accuracy {sum(picked) / len(picked):.1%}, "
       f"{cost / len(picked):.0f} tokens/problem (refine all: {refine_row['accuracy']:.1%}, {refine_row['mean_tokens']:.0f})")
 # Legitimate because decoding is greedy and each problem's conversation depends only on its own
 # earlier rounds: a problem refined alone would get the answers recorded here (up to the rounding
