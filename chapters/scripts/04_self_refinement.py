@@ -1290,5 +1290,5 @@ if pos and neg:
           f"{auroc([r['answer'] for r in rows], [r['correct'] for r in rows]):.4f}")
     print(f"tied pairs with both at -inf (no boxed answer): {sum(p == q == -math.inf for p in pos for q in neg)}")
 # The two agree to rounding. None of the ties here involve a missing box (-inf on both sides); they
-# are pairs whose answer tokens are all near-certain, so both log-probs round to the same value
-# (often 0.0): the answer score cannot rank answers the model is sure of.
+# are pairs whose answer tokens are all near-certain, so both log-probs round to the same
+# value: the answer score cannot rank answers the model is sure of.
