@@ -2323,9 +2323,11 @@ else:
 #
 # Generation runs near the engine's benchmark rate (187 vs 212 tokens/s: the run's batches mix
 # prompts and answers of uneven length), and so does the reference pass. The policy update, forward +
-# backward + AdamW, is two thirds of every step, at about the rate of the training benchmark without
-# activation checkpointing, which is what the run used. That benchmark ran *faster* with checkpointing
-# (58 vs 42 tokens/s) on this machine, so a next run should try `--gradient-checkpointing`.
+# backward + AdamW, is two thirds of every step. Its rate counts completion tokens only, while the
+# training benchmark counts prompt and completion tokens alike (a third of its tokens are prompt), so
+# compare the two with that factor in mind. The benchmark also says what to change next time:
+# activation checkpointing (`--gradient-checkpointing`, not used by this run) trains at the same speed
+# with a quarter less peak memory, which would have kept the run clear of the out-of-memory killer.
 
 # %%
 from rlscratch.results import REPO_ROOT
@@ -2356,8 +2358,9 @@ else:
         print(f"  generation, packed weights, batch 32: {gen.get('rlscratch KV cache + packed weights, batch 32')} tokens/s "
               f"(68-token prompts, 256 new tokens)")
         for name in ("rlscratch", "rlscratch + activation checkpointing", "transformers"):
-            print(f"  training step, {name}: {tr['rows'][name]['tokens_per_s']:.1f} tokens/s "
-                  f"({tr['batch']} x {tr['prompt_tokens']} prompt + {tr['completion_tokens']} completion tokens, all counted)")
+            print(f"  training step, {name}: {tr['rows'][name]['tokens_per_s']:.1f} tokens/s, peak memory "
+                  f"{tr['rows'][name]['peak_rss_GB']:.1f} GB ({tr['batch']} x {tr['prompt_tokens']} prompt + "
+                  f"{tr['completion_tokens']} completion tokens, all counted)")
 
 # %% [markdown]
 # ### On a GPU
