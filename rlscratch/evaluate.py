@@ -86,6 +86,14 @@ def _load_records(path: Path) -> dict[str, dict]:
     return records
 
 
+def load_records(settings: EvalSettings, dataset: str, run_dir: Path | None = None) -> dict[str, dict]:
+    """The stored records (by problem id) of the harness run with `settings` on `dataset`, graded by the
+    current verifier; {} before it has run. Needs no model, so `settings.weights` must name the weights."""
+    if settings.weights is None:
+        raise ValueError("settings.weights must name the weights (e.g. rlscratch.model.OFFLINE_SHA256)")
+    return _load_records(Path(run_dir or results_dir() / "runs") / f"{settings.run_name(dataset)}.jsonl")
+
+
 def _reusable(record: dict | None, prompt: str, token_logprobs: bool) -> bool:
     """Whether a stored record answers this prompt (with per-token log-probs, if they are wanted)."""
     return record is not None and record.get("prompt") == prompt and (not token_logprobs or "logprobs" in record)

@@ -152,6 +152,20 @@ def test_runs_are_keyed_by_the_weights(tiny_model, tokenizer, tmp_path):
     assert len(list(tmp_path.glob("*.jsonl"))) == 2  # the original weights find their run again
 
 
+def test_load_records_reads_a_run_without_a_model(tiny_model, tokenizer, tmp_path):
+    from rlscratch.model import weights_fingerprint
+
+    settings = E.EvalSettings(model="tiny", max_new_tokens=3, weights=weights_fingerprint(tiny_model))
+    assert E.load_records(settings, "gsm8k", run_dir=tmp_path) == {}
+    records = E.evaluate(tiny_model, tokenizer, PROBLEMS[:2], settings, run_dir=tmp_path, progress=False)
+    loaded = E.load_records(settings, "gsm8k", run_dir=tmp_path)
+    assert list(loaded) == ["p0", "p1"] and [loaded[r["id"]]["responses"] for r in records] == [r["responses"] for r in records]
+    other = E.EvalSettings(model="tiny", max_new_tokens=4, weights=settings.weights)
+    assert E.load_records(other, "gsm8k", run_dir=tmp_path) == {}
+    with pytest.raises(ValueError, match="weights"):
+        E.load_records(E.EvalSettings(model="tiny"), "gsm8k", run_dir=tmp_path)
+
+
 def test_bad_problem_lists(tiny_model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="no problems"):
         E.evaluate(tiny_model, tokenizer, [], E.EvalSettings(model="m"), run_dir=tmp_path)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from rlscratch.data import load_gsm8k
-from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, wilson_interval
+from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, load_records, wilson_interval
 from rlscratch.model import OFFLINE_MODEL, OFFLINE_SHA256, cache_dir, describe_hardware
 from rlscratch.results import results_dir
 from rlscratch.scaling import majority_vote
@@ -62,16 +62,7 @@ def settings(args) -> dict[str, EvalSettings]:
 
 def recorded(s: EvalSettings, dataset: str = "gsm8k") -> dict[str, dict]:
     """The records stored for settings `s` (by problem id), without loading a model."""
-    path = results_dir() / "runs" / f"{s.run_name(dataset)}.jsonl"
-    out = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[r["id"]] = r
-    return out
+    return load_records(s, dataset)
 
 
 def refine_settings() -> dict:

@@ -2443,6 +2443,14 @@ def _load_records(path: Path) -> dict[str, dict]:
     return records
 
 
+def load_records(settings: EvalSettings, dataset: str, run_dir: Path | None = None) -> dict[str, dict]:
+    """The stored records (by problem id) of the harness run with `settings` on `dataset`, graded by the
+    current verifier; {} before it has run. Needs no model, so `settings.weights` must name the weights."""
+    if settings.weights is None:
+        raise ValueError("settings.weights must name the weights (e.g. rlscratch.model.OFFLINE_SHA256)")
+    return _load_records(Path(run_dir or results_dir() / "runs") / f"{settings.run_name(dataset)}.jsonl")
+
+
 # %% [markdown]
 # Two checks before the harness itself: a record is graded from its raw responses (the second
 # response below was cut off by the token limit, so its last number does not count), and a run file
