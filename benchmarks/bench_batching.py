@@ -1,6 +1,6 @@
 """Continuous batching against fixed batches, on real GSM8K prompts whose answers differ in length.
 
-    python benchmarks/bench_batching.py              # real offline model, first 64 GSM8K train problems
+    python benchmarks/bench_batching.py              # real offline model, first 160 GSM8K train problems
     python benchmarks/bench_batching.py --smoke      # tiny random model, a few made-up prompts
 
 Rows, measured side by side in one run (same prompts, greedy, end-of-turn respected, --batch rows):
@@ -26,7 +26,7 @@ from rlscratch.prompts import format_prompt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=OFFLINE_MODEL)
-    parser.add_argument("--problems", type=int, default=64)
+    parser.add_argument("--problems", type=int, default=160)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--template", default="step_by_step")

@@ -1643,8 +1643,8 @@ assert together.tolist() == alone  # a row's draws do not depend on its neighbou
 #
 # * **keeping the batch full** (*continuous batching*, Yu et al. 2022, "Orca"): answers differ in
 #   length, so a fixed batch of 32 prompts spends its last steps decoding the few longest answers
-#   while the other rows sit finished, and a decode step with 3 rows costs almost as much as one
-#   with 32 (the weights are read either way, section 5). Instead, `_decode` takes *all* the
+#   while the other rows sit finished, and a decode step with a few rows still costs a good part
+#   of one with 32 (the weights are read either way, section 5). Instead, `_decode` takes *all* the
 #   prompts, keeps at most `batch_size` rows running, and when enough rows have finished it
 #   prefills the next waiting prompts and appends their rows to the running cache with
 #   `KVCache.add_rows`. A row's real tokens always sit in its last `seen` slots and its RoPE
@@ -2362,6 +2362,40 @@ else:
     print("no benchmark results yet: run `python benchmarks/bench_generate.py`")
 
 # %% [markdown]
+# ### 5.4 Keeping the batch full
+#
+# The benchmark above decodes batches of equal-length answers. Real answers end at different
+# times, and section 4.2's engine hands a finished row to the next waiting prompt instead of
+# letting it idle. How much does that buy? `benchmarks/bench_batching.py` generates chain-of-thought
+# answers to the first GSM8K train problems twice in one run: once in fixed groups of 32 prompts
+# (one `generate` call per group, so each group runs until its longest answer ends), once in a
+# single call that refills rows.
+
+# %%
+batching_file = Path.cwd().parent / "benchmarks" / "results" / "bench_batching.json"
+if batching_file.exists():
+    batching = json.loads(batching_file.read_text())
+    print(f"benchmark of {batching['date']} ({batching['machine']}): {batching['problems']} GSM8K train problems, "
+          f"template {batching['template']}, greedy, {batching['batch']} rows, up to {batching['max_new_tokens']} tokens")
+    for row in batching["rows"]:
+        print(f"  {row['name']:15} {row['tokens_per_s']:6.1f} tokens/s ({row['generated_tokens']} tokens in "
+              f"{row['seconds']:.0f} s, prefill included)")
+    print(f"continuous / fixed: {batching['continuous_over_fixed']:.2f}x; identical answers: "
+          f"{batching['identical_answers']} of {batching['problems']}")
+else:
+    print("no benchmark results yet: run `python benchmarks/bench_batching.py`")
+
+# %% [markdown]
+# A gain, but a small one, for two reasons visible in the numbers of section 5: a decode step's
+# cost grows far less than its number of rows (fewer rows still read all the weights), so idle rows
+# waste less than their share suggests; and the prompts' prefill and the last long answers (the
+# final few steps decode a handful of rows whatever the scheduling) cost the same either way.
+# Refilling also changes which rows share a matrix product, and in bfloat16 that changes the
+# rounding: where two tokens are nearly tied, the greedy answer can take another path (the count of
+# identical answers above). Both answers are equally the model's greedy answer up to rounding; the
+# test suite checks in float32 that refilled rows reproduce each prompt generated alone, token for
+# token.
+#
 # ## 6. `torch.compile`
 #
 # `torch.compile` traces the model into a graph and generates fused kernels. On a GPU the big win
