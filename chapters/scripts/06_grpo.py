@@ -2306,7 +2306,13 @@ def find_run(directory: Path, **settings) -> list[dict]:
 
 SC_N = 10
 chapter3 = results_dir() / "runs"
-sampled = [r for r in find_run(chapter3, template="step_by_step", temperature=0.3, weights=OFFLINE_SHA256)
+table_file = results_dir() / "results_table.json"
+chapter3_rows = json.loads(table_file.read_text()).get("chapter03_gsm8k_first_200", {}) if table_file.exists() else {}
+sc_row = next((row for name, row in chapter3_rows.items() if name.startswith("+ self-consistency")), None)
+SC_TEMPLATE, SC_TEMPERATURE = (sc_row["template"], sc_row["temperature"]) if sc_row else ("step_by_step", 0.3)
+print(f"chapter 3's self-consistency setting: template {SC_TEMPLATE}, T = {SC_TEMPERATURE}"
+      + ("" if sc_row else " (chapter 3's table is missing: a default)"))
+sampled = [r for r in find_run(chapter3, template=SC_TEMPLATE, temperature=SC_TEMPERATURE, weights=OFFLINE_SHA256)
            if len(r["extracted"]) >= SC_N]
 if not (start_answers and len(eval_rows) > 1 and sampled):
     print("needs the run's evaluations and chapter 3's sampled answers")
@@ -2316,10 +2322,10 @@ else:
     votes = {r["id"]: answers_match(majority_vote(r["extracted"][:SC_N], logprobs=r["mean_logprob"][:SC_N]), r["gold"])
              for r in common}
     methods = {"+ chain of thought (greedy, start)": {i: bool(start_by_id[i]["correct"][0]) for i in votes},
-               f"+ self-consistency (N={SC_N}, T=0.3)": votes,
+               f"+ self-consistency (N={SC_N}, T={SC_TEMPERATURE})": votes,
                f"+ GRPO ({eval_rows[-1]['label']}, greedy)": {i: bool(final_by_id[i]["correct"][0]) for i in votes}}
     tokens = {"+ chain of thought (greedy, start)": [start_by_id[i]["tokens"][0] for i in votes],
-              f"+ self-consistency (N={SC_N}, T=0.3)": [sum(r["tokens"][:SC_N]) for r in common],
+              f"+ self-consistency (N={SC_N}, T={SC_TEMPERATURE})": [sum(r["tokens"][:SC_N]) for r in common],
               f"+ GRPO ({eval_rows[-1]['label']}, greedy)": [final_by_id[i]["tokens"][0] for i in votes]}
     n_common = len(votes)
     grpo_name = list(methods)[-1]
@@ -2596,15 +2602,22 @@ print("median seconds per step:", {k: round(v, 2) for k, v in times.items()})
 # %% jupyter={"source_hidden": true} tags=["hide-cell"]
 if start_answers and len(eval_rows) > 1:
     labels = [r["label"] for r in eval_rows]
+    uneven = []
     for before, after in zip(labels, labels[1:]):
         pairs = list(zip(answers[before], answers[after]))
         changed = sum(a["responses"][0] != b["responses"][0] for a, b in pairs)
         paired = compare_paired([b["correct"][0] for a, b in pairs], [a["correct"][0] for a, b in pairs])
         print(f"{before:8} -> {after:8}: {changed:3d} of {len(pairs)} texts changed, {paired['wins']:2d} wrong -> right, "
               f"{paired['losses']:2d} right -> wrong, p = {paired['p_value']:.2f}")
+        if paired["p_value"] < 0.05:
+            uneven.append(f"{before} -> {after} ({paired['wins']} vs {paired['losses']}, p = {paired['p_value']:.3f})")
+    print(f"uneven at p < 0.05 (uncorrected, {len(labels) - 1} tests): {', '.join(uneven) or 'none'}")
 # Most texts change between any two evaluations: a small change of the weights moves one token's
 # ranking somewhere in a long answer, and greedy decoding then follows a different path. Flips in both
 # directions are the result; only a clear excess of one direction (a small p) is a change of skill.
+# A transition listed as uneven is one such excess; with several tests, one p near 0.01 can still be
+# chance (multiply it by the number of tests for a Bonferroni bound), and a gain in one epoch says
+# nothing by itself about the start-to-end comparison, which the chapter tests directly.
 
 # %% [markdown]
 # **2. Did training change short and long answers alike?** Split the 200 evaluation questions by the
