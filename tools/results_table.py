@@ -37,7 +37,7 @@ from rlscratch.verify import answers_match
 ROWS = {"base": "base (greedy)", "cot": "+ chain of thought", "sc": "+ self-consistency (N=10)",
         "refine": "+ self-refinement (K=2)", "grpo": "+ GRPO (3 epochs)"}
 TOKENS_PER_ANSWER = 290  # a typical GSM8K answer of this model, for estimates before anything is recorded
-TOKENS_PER_SECOND = 190  # this 2-core CPU's batched generation rate, for estimates
+TOKENS_PER_SECOND = 115  # greedy GSM8K answers at 32 rows on a 2-core Zen 4 (benchmarks/results/bench_batching.json)
 
 
 def parse(argv=None) -> argparse.Namespace:
