@@ -334,26 +334,44 @@ def test_generation_under_autocast_with_float32_master_weights(tokenizer, prompt
 
 
 def test_add_rows_joins_caches_of_different_lengths(tiny_model, tokenizer, prompts):
-    """Rows appended to a running cache decode exactly as they would alone, whichever cache is longer."""
-    short, long = tokenizer.encode(prompts[2]), tokenizer.encode(prompts[1])
+    """Rows appended to a running (left-padded) cache decode exactly as they would alone, whichever cache is longer."""
+    short, long, other = (tokenizer.encode(prompts[i]) for i in (2, 1, 0))
+
+    def prefilled(rows, room):
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        cache = KVCache(tiny_model.config, len(rows), width + room, dtype=torch.float32)
+        tiny_model(ids, attention_mask=attention, cache=cache)
+        return cache
+
     for first, second in ((short, long), (long, short)):
         with torch.no_grad():
-            def prefilled(ids, room):
-                cache = KVCache(tiny_model.config, 1, len(ids) + room, dtype=torch.float32)
-                tiny_model(torch.tensor([ids]), cache=cache)
-                return cache
-
-            a = prefilled(first, 8)
+            a = prefilled([first, other], 8)  # two rows, one of them padded
             for token in (5, 6, 7):  # a has decoded three tokens already
-                tiny_model(torch.tensor([[token]]), cache=a)
-            b = prefilled(second, 0)
-            alone = [tiny_model(torch.tensor([[9]]), cache=prefilled(first + [5, 6, 7], 1))[0, -1],
-                     tiny_model(torch.tensor([[9]]), cache=prefilled(second, 1))[0, -1]]
+                tiny_model(torch.tensor([[token], [token]]), cache=a)
+            b = prefilled([second], 0)
+            alone = [tiny_model(torch.tensor([[9]]), cache=prefilled([ids], 1))[0, -1]
+                     for ids in (first + [5, 6, 7], other + [5, 6, 7], second)]
             a.add_rows(b, room=4)
-            assert a.length == max(len(first) + 3, len(second)) and a.max_len == a.length + 4
-            assert a.seen.tolist() == [len(first) + 3, len(second)]
-            joined = tiny_model(torch.tensor([[9], [9]]), cache=a)[:, -1]
+            assert a.length == max(len(first) + 3, len(other) + 3, len(second)) and a.max_len == a.length + 4
+            assert a.seen.tolist() == [len(first) + 3, len(other) + 3, len(second)]
+            joined = tiny_model(torch.tensor([[9], [9], [9]]), cache=a)[:, -1]
         assert torch.allclose(joined, torch.stack(alone), atol=1e-5)
+
+
+def spy_on_joins(monkeypatch) -> list[int]:
+    """Record the rows of the running cache each time `KVCache.add_rows` appends new ones to it."""
+    joins = []
+    add_rows = KVCache.add_rows
+    monkeypatch.setattr(KVCache, "add_rows", lambda self, other, room: (joins.append(self.k.shape[1]),
+                                                                        add_rows(self, other, room)))
+    return joins
+
+
+def heard_by(log: list):
+    """An on_prompt_done callback that copies what it is told at the moment it is told."""
+    return lambda i, samples: log.append((i, [(list(c.token_ids), c.finish_reason, c.text) for c in samples]))
 
 
 def test_finished_rows_are_refilled_with_waiting_prompts(tiny_model, tokenizer, monkeypatch):
@@ -366,27 +384,42 @@ def test_finished_rows_are_refilled_with_waiting_prompts(tiny_model, tokenizer, 
     free = generate(tiny_model, tokenizer, prompts[:1], max_new_tokens=10, temperature=1.0, seed=seeds[:1],
                     ignore_eos=True)[0]
     kw = dict(max_new_tokens=10, temperature=1.0, stop=[tokenizer.decode(free.token_ids[2:4])], ignore_eos=True)
-    joins = []
-    add_rows = KVCache.add_rows
-    monkeypatch.setattr(KVCache, "add_rows", lambda self, other, room: (joins.append(self.k.shape[1]),
-                                                                        add_rows(self, other, room)))
+    joins = spy_on_joins(monkeypatch)
     rows_per_step, heard = [], []
     hook = tiny_model.embed_tokens.register_forward_hook(lambda m, i, o: rows_per_step.append(i[0].shape))
-    together = generate(tiny_model, tokenizer, prompts, batch_size=2, seed=seeds, **kw,
-                        on_prompt_done=lambda i, samples: heard.append((i, [s.token_ids for s in samples])))
+    together = generate(tiny_model, tokenizer, prompts, batch_size=2, seed=seeds, **kw, on_prompt_done=heard_by(heard))
     hook.remove()
     alone = [generate(tiny_model, tokenizer, [p], seed=[s], **kw)[0] for p, s in zip(prompts, seeds)]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
     assert together[0].finish_reason == "stop_string" and together[1].finish_reason == "length"  # 0 stops early ...
-    assert joins and max(joins) >= 1  # ... and a waiting prompt joined rows still decoding
+    assert joins  # ... and a waiting prompt joined rows still decoding (add_rows only ever extends a running cache)
     assert max(shape[0] for shape in rows_per_step) <= 2
-    assert sorted(heard) == sorted((c.prompt_index, [c.token_ids]) for c in together)
+    assert sorted(heard) == [(i, [(c.token_ids, c.finish_reason, c.text)]) for i, c in enumerate(alone)]
+
+
+def test_refill_with_shared_prompts(tiny_model, tokenizer, prompts, monkeypatch):
+    """n samples per prompt: a prompt's rows join a cache where another prompt's sample is still decoding."""
+    seeds = [derive_seed(5, i) for i in range(len(prompts))]
+    first, second = generate(tiny_model, tokenizer, prompts[:1], max_new_tokens=10, temperature=1.0, n=2,
+                             seed=seeds[:1], ignore_eos=True)
+    stop = next(text for k in range(1, 8) if (text := tokenizer.decode(first.token_ids[k:k + 2])).strip()
+                and text not in second.text)  # ends sample 0 early, never sample 1
+    kw = dict(max_new_tokens=10, temperature=1.0, n=2, stop=[stop], ignore_eos=True)
+    joins = spy_on_joins(monkeypatch)
+    together = generate(tiny_model, tokenizer, prompts, batch_size=3, seed=seeds, **kw)
+    alone = [c for p, s in zip(prompts, seeds) for c in generate(tiny_model, tokenizer, [p], seed=[s], **kw)]
+    assert [(c.prompt_index, c.sample_index) for c in together] == [(i, j) for i in range(3) for j in range(2)]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert together[0].finish_reason == "stop_string" and together[1].finish_reason == "length"
+    assert joins  # prompt 1's two rows joined the row of prompt 0 that was still decoding
 
 
 def test_on_prompt_done_hears_every_prompt_once_with_its_samples(tiny_model, tokenizer, prompts):
-    heard = {}
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=5, temperature=1.0, n=3, seed=2, batch_size=4,
-                   on_prompt_done=lambda i, samples: heard.setdefault(i, []).append(samples))
-    assert sorted(heard) == [0, 1, 2] and all(len(calls) == 1 for calls in heard.values())
-    assert [c for i in range(3) for c in heard[i][0]] == out
+    kw = dict(max_new_tokens=5, temperature=1.0, n=3, seed=2, batch_size=4)
+    heard = []
+    generate(tiny_model, tokenizer, prompts, **kw, on_prompt_done=heard_by(heard))
+    plain = generate(tiny_model, tokenizer, prompts, **kw)  # no callback
+    assert sorted(i for i, _ in heard) == [0, 1, 2]  # each prompt once
+    told = {i: samples for i, samples in heard}
+    assert [s for i in range(3) for s in told[i]] == [(c.token_ids, c.finish_reason, c.text) for c in plain]

@@ -1794,7 +1794,7 @@ def generate(
     ignore_eos: bool = False,
     on_prompt_done: Callable[[int, list[Completion]], None] | None = None,
 ) -> list[Completion]:
-    """Generate `n` samples for each prompt, at most `batch_size` sequences at a time.
+    """Generate `n` samples for each prompt, at most `batch_size` sequences (or one prompt's n) at a time.
 
     Prompts are strings (already chat-formatted, see `chat_prompt`) or token-id lists. A sample stops
     at an end-of-turn token, at any of the `stop` strings (cut from `text`), or after `max_new_tokens`.

@@ -2530,7 +2530,8 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
             "gold": problem.answer, "prompt": prompt_of[problem.id], "responses": [c.text for c in samples],
             "tokens": [len(c.token_ids) for c in samples], "finish": [c.finish_reason for c in samples],
             "mean_logprob": [sum(c.logprobs) / max(1, len(c.logprobs)) for c in samples],
-            "seconds": now - last,  # wall-clock since the previous record: they add up to the run's time
+            "seconds": now - last,  # wall-clock since the previous record: a call's records add up to its time
+            # (a part of them sums to an estimate only: the first records also carry the ramp-up)
         }
         last = now
         if token_logprobs:
