@@ -64,9 +64,11 @@ def grade_record(record: dict) -> dict:
     return record
 
 
-def _load_records(path: Path) -> dict[str, dict]:
-    """The run's records, graded by the current verifier. If that changes any verdict, the file is
-    rewritten, so the records on disk always agree with what the harness reports."""
+def _load_records(path: Path, *, rewrite: bool = True) -> dict[str, dict]:
+    """The run's records, graded by the current verifier. If that changes any verdict (or drops a cut or
+    repeated line), the file is rewritten, so the records on disk always agree with what the harness
+    reports. Only the harness, which owns the file while it runs, rewrites; readers pass `rewrite=False`
+    (a line being appended right now looks cut short, and a rewrite would lose it)."""
     records, stale = {}, False
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -79,7 +81,7 @@ def _load_records(path: Path) -> dict[str, dict]:
             stale |= record["id"] in records  # a problem redone for a new prompt: keep only its last record
             records[record["id"]] = grade_record(record)
             stale |= before != (record["extracted"], record["rules"], record["correct"])
-    if stale and records:
+    if rewrite and stale and records:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()), encoding="utf-8")
         os.replace(tmp, path)
@@ -88,10 +90,12 @@ def _load_records(path: Path) -> dict[str, dict]:
 
 def load_records(settings: EvalSettings, dataset: str, run_dir: Path | None = None) -> dict[str, dict]:
     """The stored records (by problem id) of the harness run with `settings` on `dataset`, graded by the
-    current verifier; {} before it has run. Needs no model, so `settings.weights` must name the weights."""
+    current verifier; {} before it has run. Needs no model, so `settings.weights` must name the weights.
+    Only reads: safe while the run is still generating (a line being written is skipped)."""
     if settings.weights is None:
         raise ValueError("settings.weights must name the weights (e.g. rlscratch.model.OFFLINE_SHA256)")
-    return _load_records(Path(run_dir or results_dir() / "runs") / f"{settings.run_name(dataset)}.jsonl")
+    path = Path(run_dir or results_dir() / "runs") / f"{settings.run_name(dataset)}.jsonl"
+    return _load_records(path, rewrite=False)
 
 
 def _reusable(record: dict | None, prompt: str, token_logprobs: bool) -> bool:

@@ -166,6 +166,24 @@ def test_load_records_reads_a_run_without_a_model(tiny_model, tokenizer, tmp_pat
         E.load_records(E.EvalSettings(model="tiny"), "gsm8k", run_dir=tmp_path)
 
 
+def test_load_records_never_rewrites_a_run_being_written(tiny_model, tokenizer, tmp_path):
+    """A reader sees the half-written last line of a running harness as cut short: it must skip it and leave
+    the file alone; the harness itself (the file's owner) drops the cut line and redoes that problem."""
+    from rlscratch.model import weights_fingerprint
+
+    settings = E.EvalSettings(model="tiny", max_new_tokens=3, weights=weights_fingerprint(tiny_model))
+    E.evaluate(tiny_model, tokenizer, PROBLEMS[:2], settings, run_dir=tmp_path, progress=False)
+    path = tmp_path / f"{settings.run_name('gsm8k')}.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    being_written = lines[0] + lines[1][: len(lines[1]) // 2]  # the second record is half on disk
+    path.write_text(being_written)
+    assert list(E.load_records(settings, "gsm8k", run_dir=tmp_path)) == ["p0"]
+    assert path.read_text() == being_written  # untouched: the writer can go on appending
+    records = E.evaluate(tiny_model, tokenizer, PROBLEMS[:2], settings, run_dir=tmp_path, progress=False)
+    assert [r["id"] for r in records] == ["p0", "p1"]
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["p0", "p1"]
+
+
 def test_bad_problem_lists(tiny_model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="no problems"):
         E.evaluate(tiny_model, tokenizer, [], E.EvalSettings(model="m"), run_dir=tmp_path)
