@@ -302,6 +302,41 @@ def test_prepass_keeps_questions_solved_sometimes_and_resumes(tmp_path, tiny_mod
     assert again == summary and summary["seconds"] > 0  # its time counts the sessions that generated
 
 
+def test_prepass_saves_each_question_as_it_finishes(tmp_path, tiny_model, tokenizer, monkeypatch):
+    """Killed half-way, the pre-pass keeps every question whose answers were complete and asks only for the rest,
+    with their own seeds: the records end equal to an uninterrupted pre-pass's."""
+    cfg = dataclasses.replace(toy_config(tmp_path), prepass_samples=2, group_size=4, train_problems=8)
+    problems, _ = AlternatingTask().problems(cfg)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    T.prepass(tiny_model, tokenizer, AlternatingTask(), problems, cfg, whole, log=lambda s: None)
+    real_generate, asked = T.generate, []
+
+    def killed_after_three(model, tokenizer, prompts, *, on_prompt_done, **kwargs):
+        asked.append(len(prompts))
+        seen = []
+
+        def save(i, answers):
+            on_prompt_done(i, answers)
+            seen.append(i)
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+
+        return real_generate(model, tokenizer, prompts, on_prompt_done=save, **kwargs)
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    monkeypatch.setattr(T, "generate", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        T.prepass(tiny_model, tokenizer, AlternatingTask(), problems, cfg, cut, log=lambda s: None)
+    assert len(T._read_jsonl(cut / "prepass.jsonl")) == 3 and not (cut / "prepass.json").exists()
+    monkeypatch.setattr(T, "generate", real_generate)
+    resumed = T.prepass(tiny_model, tokenizer, AlternatingTask(), problems, cfg, cut, log=lambda s: None)
+    strip = lambda rows: sorted(({k: v for k, v in r.items() if k != "seconds"} for r in rows), key=lambda r: r["id"])
+    assert strip(T._read_jsonl(cut / "prepass.jsonl")) == strip(T._read_jsonl(whole / "prepass.jsonl"))
+    assert asked == [8] and resumed["kept"] == json.loads((whole / "prepass.json").read_text())["kept"]
+
+
 def test_gsm8k_rewards_and_a_tiny_run_through_the_harness(tmp_path, monkeypatch, tokenizer):
     task = T.Gsm8kTask()
     problem = Problem("p", "What is 6 * 7?", "42", "", "gsm8k", 1)

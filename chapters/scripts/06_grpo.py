@@ -592,30 +592,30 @@ def prepass(model, tokenizer, task, problems: list[Problem], cfg: TrainConfig, r
     k = cfg.prepass_samples
     done = {r["id"]: r for r in _read_jsonl(records_path)}
     todo = [p for p in problems if p.id not in done]
-    per_call = max(1, cfg.generation_batch_size // k)
-    started = time.perf_counter()
-    for start in range(0, len(todo), per_call):
-        chunk = todo[start:start + per_call]
-        chunk_started = time.perf_counter()
-        with autocast():
-            completions = generate(model, tokenizer, _encode(tokenizer, task, chunk),
-                                   max_new_tokens=cfg.prepass_max_new_tokens or cfg.max_new_tokens,
-                                   temperature=cfg.temperature, top_p=cfg.top_p, n=k, stop=task.stop,
-                                   seed=[derive_seed(cfg.seed, "prepass", p.id) for p in chunk],
-                                   batch_size=cfg.generation_batch_size)
-        share = (time.perf_counter() - chunk_started) / len(chunk)  # each question's share of the time
-        lines = ["\n"] if records_path.exists() and not records_path.read_text().endswith("\n") else []  # a cut line
-        for i, problem in enumerate(chunk):
-            answers = completions[i * k:(i + 1) * k]
-            done[problem.id] = {"id": problem.id, "rewards": [task.reward(problem, c) for c in answers],
-                                "tokens": [len(c.token_ids) for c in answers],
-                                "truncated": [task.truncated(c) for c in answers],
-                                "seconds": share}
-            lines.append(json.dumps(done[problem.id]) + "\n")
+    if todo and records_path.exists() and not records_path.read_text().endswith("\n"):
         with open(records_path, "a", encoding="utf-8") as f:
-            f.writelines(lines)
-        if (start // per_call) % max(1, len(todo) // per_call // 10) == 0:  # about ten progress lines
-            log(f"pre-pass: {len(done)}/{len(problems)} questions, {time.perf_counter() - started:.0f} s")
+            f.write("\n")  # end a line cut short by a kill: the next record starts a line of its own
+    started = last = time.perf_counter()
+
+    def save(i: int, answers: list[Completion]) -> None:  # question i's k answers are done: record them at once
+        nonlocal last
+        problem, now = todo[i], time.perf_counter()
+        done[problem.id] = {"id": problem.id, "rewards": [task.reward(problem, c) for c in answers],
+                            "tokens": [len(c.token_ids) for c in answers],
+                            "truncated": [task.truncated(c) for c in answers],
+                            "seconds": now - last}  # wall-clock since the previous record: they add up to the time
+        last = now
+        with open(records_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(done[problem.id]) + "\n")
+        if len(done) % max(1, len(problems) // 10) == 0:  # about ten progress lines
+            log(f"pre-pass: {len(done)}/{len(problems)} questions, {now - started:.0f} s")
+
+    if todo:  # one call: a finished question's rows go to the next question at once (chapter 1)
+        with autocast():
+            generate(model, tokenizer, _encode(tokenizer, task, todo),
+                     max_new_tokens=cfg.prepass_max_new_tokens or cfg.max_new_tokens, temperature=cfg.temperature,
+                     top_p=cfg.top_p, n=k, stop=task.stop, seed=[derive_seed(cfg.seed, "prepass", p.id) for p in todo],
+                     batch_size=cfg.generation_batch_size, on_prompt_done=save)
     rates = {p.id: sum(done[p.id]["rewards"]) / k for p in problems}
     kept = [p.id for p in problems if 0 < rates[p.id] < 1]
     histogram = [0] * (k + 1)
