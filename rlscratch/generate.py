@@ -542,6 +542,15 @@ def pack_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def release_packed_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Free the packed copies of `model`'s weights now (the next decode packs again); return `model`. For
+    training: once the weights change, the copies are stale anyway, and they hold memory the update needs."""
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module._packed = None
+    return model
+
+
 def unpack_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `pack_for_cpu` in place (plain `nn.Linear` layers on the same parameters); return `model`."""
     for module in list(model.modules()):

@@ -3,7 +3,7 @@ import torch
 
 from rlscratch.generate import (KVCache, PackedLinear, can_pack_for_cpu, chat_prompt, compute_dtype, derive_seed,
                                 generate, generate_without_cache, pack_for_cpu, packing_works, sample_next_token,
-                                stop_token_ids, stream, top_p_filter, unpack_for_cpu)
+                                release_packed_weights, stop_token_ids, stream, top_p_filter, unpack_for_cpu)
 from rlscratch.model import Qwen2Model, tiny_config
 
 PROMPTS = ["What is 2 + 3?", "Name a prime number larger than ten, please.", "Hi"]
@@ -211,6 +211,18 @@ def test_packed_weights_follow_optimizer_steps(tokenizer, prompts):
     assert [c.token_ids for c in after] != [c.token_ids for c in before]  # the step did change the output
     with torch.no_grad():
         assert torch.allclose(model(ids), reference(ids), atol=1e-4)
+
+
+def test_released_packed_weights_are_rebuilt_on_the_next_decode(tokenizer, prompts):
+    model = pack_for_cpu(_tiny(tokenizer))
+    if not packing_works(compute_dtype(model)):
+        pytest.skip("oneDNN packing does not apply on this CPU")
+    first = generate(model, tokenizer, prompts, max_new_tokens=6, ignore_eos=True)
+    assert model.lm_head._packed is not None  # decoding packed the weights
+    assert release_packed_weights(model) is model
+    assert all(m._packed is None for m in model.modules() if isinstance(m, PackedLinear))
+    again = generate(model, tokenizer, prompts, max_new_tokens=6, ignore_eos=True)
+    assert [c.token_ids for c in again] == [c.token_ids for c in first] and model.lm_head._packed is not None
 
 
 def test_packed_model_copies_and_pickles_without_the_packed_cache(tokenizer, prompts):

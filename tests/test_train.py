@@ -164,6 +164,32 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys, monkeypatch):
     assert status == 1 and err.count("\n") == 0 and "GSM8K is not available" in err
 
 
+def test_the_update_runs_without_stale_packed_weights(tmp_path, monkeypatch):
+    """Generation packs the policy's weights for fast decoding; the update changes them, so their packed
+    copies are freed before it (they would only hold memory) and rebuilt by the next step's generation."""
+    from rlscratch.generate import PackedLinear, packing_works
+
+    if not packing_works(torch.float32):
+        pytest.skip("oneDNN packing does not apply on this CPU")
+    real_collect, real_update, seen = T.collect_groups, T.update_step, []
+
+    def collect(model, *args, **kwargs):
+        out = real_collect(model, *args, **kwargs)
+        seen.append(("generated", sum(m._packed is not None for m in model.modules() if isinstance(m, PackedLinear))))
+        return out
+
+    def update(model, *args, **kwargs):
+        seen.append(("update", sum(m._packed is not None for m in model.modules() if isinstance(m, PackedLinear))))
+        return real_update(model, *args, **kwargs)
+
+    monkeypatch.setattr(T, "collect_groups", collect)
+    monkeypatch.setattr(T, "update_step", update)
+    T.train(toy_config(tmp_path, steps=2, prepass_samples=0, eval_problems=0, save_every=5), log=lambda s: None)
+    generated = [n for what, n in seen if what == "generated"]
+    assert len(generated) == 2 and min(generated) > 0  # generation used packed weights
+    assert [n for what, n in seen if what == "update"] == [0, 0]
+
+
 def test_run_folder_with_other_settings_is_refused(tmp_path):
     cfg = toy_config(tmp_path, model=str(tmp_path / "no-such-model"))
     with pytest.raises(T.ConfigError, match="cannot load model"):

@@ -155,7 +155,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rlscratch.data import DataError, Problem, load_gsm8k
 from rlscratch.evaluate import EvalSettings, evaluate, summarize
-from rlscratch.generate import Completion, derive_seed, generate, pack_for_cpu
+from rlscratch.generate import Completion, derive_seed, generate, pack_for_cpu, release_packed_weights
 from rlscratch.grpo import (ADVANTAGE_SCALES, AGGREGATIONS, KL_ESTIMATORS, completion_batch, group_advantages,
                             grpo_loss, loss_normalizer, sequence_logprobs)
 from rlscratch.model import (OFFLINE_MODEL, Qwen2Model, cache_dir, hf_reference, hf_state_dict, load_model,
@@ -1632,6 +1632,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
         t0 = time.perf_counter()
         with full_weights(model):
             groups, sampled, cursor = collect_groups(model, tokenizer, task, order, cursor, cfg, step, autocast, dist)
+        release_packed_weights(model)  # the update is about to change the weights: free their stale packed copies
         t_gen = time.perf_counter() - t0
         rollouts = make_rollouts(groups, task, cfg)  # the whole batch, on every process
         trained = trained_rollouts(rollouts, cfg)
