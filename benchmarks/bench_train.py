@@ -3,6 +3,12 @@
     python benchmarks/bench_train.py                  # the real offline model, 8 sequences x 384 tokens
     python benchmarks/bench_train.py --smoke          # tiny random model, seconds (checks the script)
 
+An AVX2-only CPU, emulated on an AVX-512 one (torch's kernels, oneDNN and MKL all limited to AVX2, so
+`dtype="auto"` computes in float32, as it does on such a machine):
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/bench_train.py --batch 4 --out benchmarks/results/bench_train_avx2.json
+
 The workload is one GRPO-like optimizer step: every sequence is a 128-token prompt plus a 256-token
 completion; the loss is the advantage-weighted mean log-probability of the completion tokens (exactly
 what chapter 6 optimizes, without the clipping arithmetic, which costs nothing next to the model).

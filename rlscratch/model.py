@@ -471,10 +471,13 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype | str = "auto", d
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), read from /proc/cpuinfo."""
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX, from /proc/cpuinfo) and torch's
+    kernels may use it (`ATEN_CPU_CAPABILITY=avx2` limits them to AVX2, as on an AVX2-only machine)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return False
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
@@ -492,6 +495,9 @@ def describe_hardware() -> str:
         pass
     features = ("AVX-512 with native bf16" if cpu_has_native_bf16() else
                 "AVX-512 without bf16" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2/AVX-512")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if "avx512f" in flags and capability == "AVX2":  # emulating an AVX2 machine
+        features = "AVX-512 CPU with torch kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2)"
     line = f"{name}, {os.cpu_count()} cores, {features}; torch {torch.__version__}"
     if torch.cuda.is_available():
         line += f"; GPU {torch.cuda.get_device_name()}"

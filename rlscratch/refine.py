@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,8 @@ import torch
 
 from rlscratch.data import Problem
 from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, mcnemar_exact, wilson_interval
+from rlscratch.model import weights_fingerprint
+from rlscratch.results import results_dir
 from rlscratch.prompts import chat_messages, format_prompt, render_chat
 from rlscratch.verify import CHAT_MARKERS, answers_match, extract
 
@@ -185,6 +189,32 @@ def response_logprobs(model, tokenizer, prompt: str, token_ids: Sequence[int]) -
     return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].tolist()
 
 
+class RescoreCache:
+    """`response_confidence` of answers re-scored as first answers, kept in a JSONL file (one forward pass over
+    a long conversation's answer costs seconds on a CPU, so a re-executed notebook should not pay it again).
+    Keyed by the model's weights, the prompt and the answer's token ids."""
+
+    def __init__(self, path: Path, model):
+        self.path, self.model, self.weights = path, model, weights_fingerprint(model)
+        self.scores: dict[str, dict[str, float]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interruption: that answer is re-scored
+                    continue
+                self.scores[entry["key"]] = entry["confidence"]
+
+    def __call__(self, tokenizer, prompt: str, text: str, token_ids: Sequence[int]) -> dict[str, float]:
+        key = hashlib.sha256(json.dumps([self.weights, prompt, list(token_ids)]).encode()).hexdigest()
+        if key not in self.scores:
+            lps = response_logprobs(self.model, tokenizer, prompt, token_ids)
+            self.scores[key] = response_confidence(tokenizer, text, token_ids, lps)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "confidence": self.scores[key]}) + "\n")
+        return self.scores[key]
+
+
 def _round_entry(tokenizer, record: dict, round_: int, prompt_tokens: int) -> dict:
     confidence = record_confidences(tokenizer, record)[0]
     return {"round": round_, "response": record["responses"][0], "answer": record["extracted"][0],
@@ -214,6 +244,7 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
     base = EvalSettings(model=model_name, template=template, max_new_tokens=max_new_tokens)
     traces = [{"id": p.id, "gold": p.answer, "rounds": []} for p in problems]
     first_prompts = [format_prompt(tokenizer, p.question, template) for p in problems]
+    rescore = RescoreCache(Path(run_dir or results_dir() / "runs") / "rescored.jsonl", model) if rounds else None
     for r in range(rounds + 1):
         if r == 0:
             active, prompts, stage = list(range(len(problems))), first_prompts, "refine-r0"
@@ -236,9 +267,8 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
             for i, prompt, record in zip(active, prompts, records):
                 fresh[i] = _round_entry(tokenizer, record, r, len(tokenizer.encode(prompt, add_special_tokens=False)))
                 if r > 0:  # re-scored as a first answer, comparable with round 0 (already scored in that context)
-                    lps = response_logprobs(model, tokenizer, first_prompts[i], record["token_ids"][0])
-                    fresh[i]["confidence"] = response_confidence(tokenizer, record["responses"][0],
-                                                                 record["token_ids"][0], lps)
+                    fresh[i]["confidence"] = rescore(tokenizer, first_prompts[i], record["responses"][0],
+                                                     record["token_ids"][0])
         for i, trace in enumerate(traces):
             if i in fresh:
                 trace["rounds"].append(fresh[i])

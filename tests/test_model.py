@@ -179,6 +179,18 @@ def test_auto_dtype_follows_the_hardware(monkeypatch, native):
     assert next(model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
 
 
+def test_kernels_limited_to_avx2_mean_no_native_bf16(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 (an AVX2 machine, or one emulated) turns bf16 off whatever /proc/cpuinfo says."""
+    monkeypatch.setattr(M.Path, "read_text", lambda self, *a, **k: "flags: avx2 avx512f avx512_bf16\nmodel name: X")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert M.cpu_has_native_bf16()
+    assert "native bf16" in M.describe_hardware()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not M.cpu_has_native_bf16()
+    assert M.resolve_dtype("auto", "cpu") == torch.float32
+    assert "limited to AVX2" in M.describe_hardware()
+
+
 def test_mixed_precision_gradients_match_float32():
     """float32 master weights, bf16 autocast compute, left-padded rows: gradients are finite and close to float32's."""
     _, model = hf_pair("qwen2")

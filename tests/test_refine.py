@@ -228,6 +228,7 @@ def stub(tokenizer, monkeypatch):
     monkeypatch.setattr(E, "generate", engine)
     monkeypatch.setattr(E, "weights_fingerprint", lambda model: "stub-weights")
     monkeypatch.setattr(R, "response_logprobs", engine.rescore)
+    monkeypatch.setattr(R, "weights_fingerprint", lambda model: "stub-weights")
     return engine
 
 
@@ -287,6 +288,9 @@ def test_later_rounds_are_rescored_as_first_answers_and_the_feedback_is_calibrat
     bins = reliability_bins([-2.0, -1.5, -0.5, -0.1], [0, 0, 1, 1], bins=2)  # P(correct): 0 below -0.5, else 1
     traces = run(tokenizer, tmp_path, calibration=bins, select="confidence")
     assert len(stub.rescored) == 3 * 4  # every refined answer, none of round 0 (already in that context)
+    assert len((tmp_path / "rescored.jsonl").read_text().splitlines()) == 3 * 4
+    stub.rescored.clear()
+    assert run(tokenizer, tmp_path, calibration=bins, select="confidence") == traces and stub.rescored == []  # cached
     delta = traces[3]["rounds"]
     assert delta[0]["confidence"] == delta[0]["confidence_in_turn"] and delta[0]["confidence"]["mean"] == -0.05
     assert delta[1]["confidence_in_turn"]["mean"] == pytest.approx(-0.7)

@@ -39,11 +39,12 @@
 #
 # **What the stored run found** (40 test problems; details in sections 3 and 4): neither kind of
 # feedback helped this 0.5B model. The oracle's "your answer is wrong" fixed 0 of 29 wrong answers in
-# three rounds. Confidence feedback ended at 20.0% against 27.5% for the first answers (1 answer gained,
-# 4 lost, exact McNemar p = 0.38): no significant difference in either direction. And the confidence
-# message of this run, by a flaw of its design (section 2.1), told almost every answer "0%", so the
-# deployable feedback carried almost no information. Read the chapter as a careful negative result
-# with a known defect, not as a verdict on self-refinement in general.
+# three rounds. Calibrated confidence feedback made things worse if the latest answer is kept: 27.5%
+# for the first answers, 7.5% after round 1 (0 answers gained, 8 lost, exact McNemar p = 0.008), with
+# no verdict changing after that. Choosing the most confident round instead (the rule of the results
+# row) avoided that loss and gained nothing: 27.5%, the same verdicts as round 0 (p = 1.00), for 1,045 generated
+# tokens per problem against 293 for plain chain of thought. Read the chapter as a careful negative
+# result for this model and these messages, not as a verdict on self-refinement in general.
 
 # %% [markdown]
 # ## 0. Parameters
@@ -56,9 +57,10 @@
 # Estimated cost on a CPU, from chapter 3's 140-170 generated tokens/s and ~290 tokens per
 # response: about 250k generated tokens for the study (25-30 min) and about 70k for the refinement
 # runs, which also re-read about 160k prompt tokens because the conversation grows each round
-# (20-25 min). Measured in the stored run (section 3.1): 44.5 min for the study, more than estimated
-# because its greedy pass ran at only 38 tokens/s (the sampled pass at 158; the records do not say
-# why), and 22.7 min for the refinement runs. **On a GPU** use `N_CONF = 1000`,
+# (20-25 min). Measured in the stored run (section 3.1): 24.0 min for the refinement runs, as
+# estimated, but 44.5 min for the study: its 200 × 294 + 600 × 292 ≈ 234k tokens (section 1.1) came
+# at about 88 tokens/s on average, not 140-170. The notebook prints only the total, so it does not
+# show which pass was slow. **On a GPU** use `N_CONF = 1000`,
 # `N_TEST = 500` (the results table of the later chapters) and `BATCH_SIZE = 128`.
 
 # %%
@@ -180,6 +182,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -188,6 +192,8 @@ import torch
 
 from rlscratch.data import Problem
 from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, mcnemar_exact, wilson_interval
+from rlscratch.model import weights_fingerprint
+from rlscratch.results import results_dir
 from rlscratch.prompts import chat_messages, format_prompt, render_chat
 from rlscratch.verify import CHAT_MARKERS, answers_match, extract
 
@@ -455,9 +461,10 @@ print(f"best score on train: {BEST_SCORE}" + ("" if measured else " (a default: 
 # each bin's accuracy against its mean confidence; a calibrated score lies on the diagonal. We turn
 # the log-scores into probabilities with $e^{\text{score}}$: the geometric-mean token probability
 # for `mean`, the weakest token's probability for `min`, the answer's probability for `answer`.
-# (`total` gives probabilities like $10^{-20}$: the chance of that exact text, useless as a
-# statement about correctness. Remember this in section 2.1.) The **expected calibration error** (ECE) summarizes the diagram:
-# the average gap between confidence and accuracy, weighted by bin size.
+# (`total` would give probabilities between $e^{-144}$ and $e^{-10}$ on these responses, the range
+# printed in the calibration table below: the chance of that exact text, useless as a statement
+# about correctness.) The **expected calibration error** (ECE) summarizes the diagram: the average
+# gap between confidence and accuracy, weighted by bin size.
 
 # %%
 #| export: refine
@@ -507,21 +514,23 @@ plt.show()
 # again, in picture form). Its distance from the diagonal is *calibration*. One expects curves below
 # the diagonal (overconfidence) for an instruction-tuned model: its training rewarded fluent, likely
 # text, and never penalized a confident wrong number. Here (ECE in the panel titles): `mean` is far
-# below it (ECE 0.63: $e^{\text{mean}}$ lies between about 0.78 and 0.94, while the bins' accuracy runs
-# from about 6% to 52%), and so is `answer` (ECE 0.71: $e^{\text{answer}}$ is close to 1 for most
+# below it (ECE 0.63: read off the left panel, $e^{\text{mean}}$ lies between about 0.78 and 0.94,
+# while the bins' accuracy runs from about 6% to 52%), and so is `answer` (ECE 0.71: $e^{\text{answer}}$ is close to 1 for most
 # responses, right or wrong). `min` lies *above* the diagonal (underconfident, ECE 0.12): a single
 # unlikely token is common in a long response, right or wrong. A miscalibrated score can still rank
 # well, and ranking is all that selection by confidence needs; but as a number told to the model it
-# misstates the odds. The chosen score `total` has no probability reading at all ($e^{\text{total}}$
-# prints as 0%).
+# misstates the odds. The chosen score `total` has no probability reading at all: $e^{\text{total}}$
+# is at most $e^{-9.7} \approx 0.006\%$ on train (table below), so told as a percentage it would read
+# "0%" for every answer.
 #
 # **A number worth telling the model.** The refinement loop will tell the model how confident it
 # should be in its answer. That number should (a) vary with the chosen score, so that it carries the
 # score's ranking, and (b) mean what it says. The train responses give both at once: cut them into
 # bins by their score and use each bin's *accuracy* as the confidence of any answer whose score falls
 # in that bin. This is **histogram binning** (Zadrozny and Elkan 2001), the simplest calibration map:
-# on train it is calibrated by construction, and it keeps the order of the score (up to ties within a
-# bin). It is fitted once here, on train, and applied unchanged to test answers.
+# on train it is calibrated by construction, and it keeps the order of the score up to ties within a
+# bin, as long as the bins' accuracies rise with the score. It is fitted once here, on train, and
+# applied unchanged to test answers.
 
 # %%
 #| export: refine
@@ -564,9 +573,9 @@ print(f"AUROC on train: {BEST_SCORE} {auroc(train_scores, labels):.3f}, binned {
 #
 # Two kinds of feedback:
 #
-# * **confidence** (deployable: it needs no gold answer): the answer's confidence, the train
-#   accuracy of answers with a similar score (`calibrated`, section 1.5), and a request to check the
-#   work and fix any error, or keep the answer;
+# * **confidence** (deployable: it needs no gold answer): the answer's estimated chance of being
+#   right, which is the train accuracy of answers with a similar score (`calibrated`, section 1.5),
+#   and a request to check the work and fix any error, or keep the answer;
 # * **verifier** (an oracle: it knows the gold answer): "your answer is wrong, find the mistake", sent
 #   only after wrong answers; a correct answer ends that problem's refinement. No deployed system has
 #   this signal, so it is an **upper bound** on what this kind of feedback could do, never a row of the
@@ -575,12 +584,12 @@ print(f"AUROC on train: {BEST_SCORE} {auroc(train_scores, labels):.3f}, binned {
 # In both cases the model critiques and corrects in the same turn ("check… if you find a mistake,
 # correct it"), so one refinement round costs one generation.
 #
-# **Why not $e^{\text{score}}$?** A first version of this chapter told the model $e^{\text{total}}$,
-# the probability of the whole text: about $e^{-13}$ even for the short example of section 1.2, far
-# less for a typical answer of ~290 tokens. Printed as a percentage it read "0%" for nearly every
-# answer, so the "deployable" feedback said the same thing to every problem, and the model sometimes
-# read "0%" as "your answer is wrong". The calibrated number varies between answers and is honest
-# about the odds on train.
+# **Why calibrate?** The message has to carry the score's information in a form the model can
+# read. $e^{\text{total}}$, the probability of the whole text, is about $e^{-13}$ even for the example
+# of section 1.2 and at most $e^{-9.7}$ on train, so as a percentage it says "0%" to every answer; a
+# first version of this chapter sent exactly that, and the calibration map is what replaced it. The
+# calibrated number differs between answers (2% to 62% on train) and states the odds that held on
+# train.
 
 # %%
 #| export: refine
@@ -653,14 +662,16 @@ print(round1[-420:])
 # Selection compares the confidence of answers written in different contexts, and that needs care.
 # The round-2 answer was written *after* the round-0 and round-1 answers were in the conversation;
 # if it repeats one of them, every token is easy to predict (the model can copy), so its log-prob is
-# close to 0 whether the answer is right or not: confidence in copying, not in the mathematics. A
-# first version of this chapter fell into that trap: the mean $e^{\text{total}}$ was 0.00 in rounds 0
-# and 1 and jumped to 0.46 in rounds 2-3, and "most confident round" meant "latest round". So every
+# close to 0 whether the answer is right or not: confidence in copying, not in the mathematics.
+# Section 3 measures it (the *in turn* column): scored as generated, the late rounds would win
+# almost every comparison, and "most confident round" would mean "latest round". So every
 # answer is **re-scored in the same context**, the round-0 prompt (question only), with one forward
 # pass over prompt + answer (`response_logprobs`): "how likely would this answer be as a first
 # answer to the question?" That score is comparable across rounds, and it is the score the train
 # calibration was fitted on. The loop keeps both: `confidence` (re-scored; used for the feedback and
-# for selection) and `confidence_in_turn` (as generated, in the conversation).
+# for selection) and `confidence_in_turn` (as generated, in the conversation). One extra forward
+# pass per refined answer adds up on a CPU, so the re-scored values are kept on disk
+# (`RescoreCache`, next to the harness records) and a re-executed notebook reads them back.
 #
 # We fix the results row's rule *before* seeing test results: `confidence`. The reason is the
 # known weakness of self-correction without an oracle: Huang et al. (2023, "Large Language Models
@@ -697,6 +708,32 @@ def response_logprobs(model, tokenizer, prompt: str, token_ids: Sequence[int]) -
     return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].tolist()
 
 
+class RescoreCache:
+    """`response_confidence` of answers re-scored as first answers, kept in a JSONL file (one forward pass over
+    a long conversation's answer costs seconds on a CPU, so a re-executed notebook should not pay it again).
+    Keyed by the model's weights, the prompt and the answer's token ids."""
+
+    def __init__(self, path: Path, model):
+        self.path, self.model, self.weights = path, model, weights_fingerprint(model)
+        self.scores: dict[str, dict[str, float]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interruption: that answer is re-scored
+                    continue
+                self.scores[entry["key"]] = entry["confidence"]
+
+    def __call__(self, tokenizer, prompt: str, text: str, token_ids: Sequence[int]) -> dict[str, float]:
+        key = hashlib.sha256(json.dumps([self.weights, prompt, list(token_ids)]).encode()).hexdigest()
+        if key not in self.scores:
+            lps = response_logprobs(self.model, tokenizer, prompt, token_ids)
+            self.scores[key] = response_confidence(tokenizer, text, token_ids, lps)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "confidence": self.scores[key]}) + "\n")
+        return self.scores[key]
+
+
 def _round_entry(tokenizer, record: dict, round_: int, prompt_tokens: int) -> dict:
     confidence = record_confidences(tokenizer, record)[0]
     return {"round": round_, "response": record["responses"][0], "answer": record["extracted"][0],
@@ -726,6 +763,7 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
     base = EvalSettings(model=model_name, template=template, max_new_tokens=max_new_tokens)
     traces = [{"id": p.id, "gold": p.answer, "rounds": []} for p in problems]
     first_prompts = [format_prompt(tokenizer, p.question, template) for p in problems]
+    rescore = RescoreCache(Path(run_dir or results_dir() / "runs") / "rescored.jsonl", model) if rounds else None
     for r in range(rounds + 1):
         if r == 0:
             active, prompts, stage = list(range(len(problems))), first_prompts, "refine-r0"
@@ -748,9 +786,8 @@ def self_refine(model, tokenizer, problems: Sequence[Problem], *, rounds: int, f
             for i, prompt, record in zip(active, prompts, records):
                 fresh[i] = _round_entry(tokenizer, record, r, len(tokenizer.encode(prompt, add_special_tokens=False)))
                 if r > 0:  # re-scored as a first answer, comparable with round 0 (already scored in that context)
-                    lps = response_logprobs(model, tokenizer, first_prompts[i], record["token_ids"][0])
-                    fresh[i]["confidence"] = response_confidence(tokenizer, record["responses"][0],
-                                                                 record["token_ids"][0], lps)
+                    fresh[i]["confidence"] = rescore(tokenizer, first_prompts[i], record["responses"][0],
+                                                     record["token_ids"][0])
         for i, trace in enumerate(traces):
             if i in fresh:
                 trace["rounds"].append(fresh[i])
@@ -1123,6 +1160,10 @@ print(f"\nvs its own round 0: {f['wrong_right']} gained, {f['right_wrong']} lost
 if not SMOKE:
     earlier[f"chapter04_gsm8k_first_{n_test}"] = {name: refine_row}
     table_path.write_text(json.dumps(earlier, indent=1))
+    # the choices made on train, for the book's results table on more problems (tools/results_table.py)
+    (results_dir() / "04_refine_settings.json").write_text(json.dumps(
+        {"score": BEST_SCORE, "calibration": CALIBRATION, "template": TEMPLATE, "max_new_tokens": MAX_NEW_TOKENS,
+         "rounds": ROW_ROUNDS, "select": ROW_SELECT}, indent=1))
 print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_start) / 60:.1f} min (recorded runs are reused)")
 
 # %% [markdown]

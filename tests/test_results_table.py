@@ -1,0 +1,48 @@
+"""tools/results_table.py: which answers of the book's results table are recorded, which are missing,
+and how the self-consistency row reuses chapter 03's 20-sample run."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlscratch.data import Problem
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def table_tool(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLSCRATCH_RESULTS", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "tools" / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_records(tmp_path, settings, ids, n=1, answer="3"):
+    runs = tmp_path / "runs"
+    runs.mkdir(exist_ok=True)
+    name = settings.run_name("gsm8k")
+    with open(runs / f"{name}.jsonl", "a") as f:
+        for i in ids:
+            f.write(json.dumps({"id": i, "gold": "3", "extracted": [answer] * n, "mean_logprob": [-0.1] * n,
+                                "tokens": [100] * n, "correct": [answer == "3"] * n, "seconds": 2.0}) + "\n")
+        f.write('{"id": "cut short')  # an interrupted write: ignored
+
+
+def test_plan_counts_what_is_missing(table_tool, tmp_path, capsys):
+    problems = [Problem(id=f"gsm8k-test-{i}", question="q", answer="3", solution="", dataset="gsm8k", level=1)
+                for i in range(4)]
+    args = table_tool.parse(["--limit", "4", "--grpo-model", str(tmp_path / "no-run" / "final")])
+    s = table_tool.settings(args)
+    assert s["sc"].n == 10 and s["sc20"].n == 20 and s["sc"].temperature == 0.3 and s["cot"].template == "step_by_step"
+    write_records(tmp_path, s["base"], ["gsm8k-test-0", "gsm8k-test-1"])
+    write_records(tmp_path, s["sc20"], ["gsm8k-test-0"], n=20)  # chapter 03's run: its first 10 samples serve
+    write_records(tmp_path, s["sc"], ["gsm8k-test-1"], n=10)
+    missing = table_tool.plan(args, problems)
+    assert missing == {"base": 2, "cot": 4, "sc": 20, "refine": 12, "grpo": 4}
+    out = capsys.readouterr().out
+    assert "no trained model" in out and "in all about" in out
