@@ -86,6 +86,14 @@ def _load_records(path: Path) -> dict[str, dict]:
     return records
 
 
+def load_records(settings: EvalSettings, dataset: str, run_dir: Path | None = None) -> dict[str, dict]:
+    """The stored records (by problem id) of the harness run with `settings` on `dataset`, graded by the
+    current verifier; {} before it has run. Needs no model, so `settings.weights` must name the weights."""
+    if settings.weights is None:
+        raise ValueError("settings.weights must name the weights (e.g. rlscratch.model.OFFLINE_SHA256)")
+    return _load_records(Path(run_dir or results_dir() / "runs") / f"{settings.run_name(dataset)}.jsonl")
+
+
 def _reusable(record: dict | None, prompt: str, token_logprobs: bool) -> bool:
     """Whether a stored record answers this prompt (with per-token log-probs, if they are wanted)."""
     return record is not None and record.get("prompt") == prompt and (not token_logprobs or "logprobs" in record)
@@ -132,43 +140,39 @@ def evaluate(model, tokenizer, problems: list[Problem], settings: EvalSettings, 
     if todo and path.exists() and not path.read_text(encoding="utf-8").endswith("\n"):
         with open(path, "a", encoding="utf-8") as f:  # end a half-written line before appending
             f.write("\n")
-    per_batch = max(1, batch_size // settings.n)
-    tokens_done, seconds_done = 0, 0.0
-    for start in range(0, len(todo), per_batch):
-        chunk = todo[start:start + per_batch]
-        chunk_prompts = [prompt_of[p.id] for p in chunk]
-        seed = None if settings.temperature == 0 else [derive_seed(settings.seed, p.id) for p in chunk]
-        t0 = time.perf_counter()
-        completions = generate(model, tokenizer, chunk_prompts, max_new_tokens=settings.max_new_tokens,
-                               temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
-                               stop=stop_strings(settings.template), seed=seed, batch_size=batch_size)
-        seconds = time.perf_counter() - t0
-        lines = []
-        for k, problem in enumerate(chunk):
-            samples = completions[k * settings.n:(k + 1) * settings.n]
-            record = {
-                "id": problem.id, "dataset": problem.dataset, "level": problem.level, "subject": problem.subject,
-                "gold": problem.answer, "prompt": chunk_prompts[k], "responses": [c.text for c in samples],
-                "tokens": [len(c.token_ids) for c in samples], "finish": [c.finish_reason for c in samples],
-                "mean_logprob": [sum(c.logprobs) / max(1, len(c.logprobs)) for c in samples],
-                "seconds": seconds / len(chunk),
-            }
-            if token_logprobs:
-                record["token_ids"] = [c.token_ids for c in samples]
-                record["logprobs"] = [[round(x, 4) for x in c.logprobs] for c in samples]
-            record = grade_record(record)
-            done[problem.id] = record
-            lines.append(json.dumps(record) + "\n")
+    started = last = time.perf_counter()
+    tokens_done = 0
+
+    def save(k: int, samples: list) -> None:  # called by generate as soon as problem todo[k] is finished
+        nonlocal last, tokens_done
+        problem, now = todo[k], time.perf_counter()
+        record = {
+            "id": problem.id, "dataset": problem.dataset, "level": problem.level, "subject": problem.subject,
+            "gold": problem.answer, "prompt": prompt_of[problem.id], "responses": [c.text for c in samples],
+            "tokens": [len(c.token_ids) for c in samples], "finish": [c.finish_reason for c in samples],
+            "mean_logprob": [sum(c.logprobs) / max(1, len(c.logprobs)) for c in samples],
+            "seconds": now - last,  # wall-clock since the previous record: they add up to the run's time
+        }
+        last = now
+        if token_logprobs:
+            record["token_ids"] = [c.token_ids for c in samples]
+            record["logprobs"] = [[round(x, 4) for x in c.logprobs] for c in samples]
+        record = done[problem.id] = grade_record(record)
         with open(path, "a", encoding="utf-8") as f:
-            f.writelines(lines)
+            f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        tokens_done += sum(len(c.token_ids) for c in completions)
-        seconds_done += seconds
+        tokens_done += sum(len(c.token_ids) for c in samples)
         if bar is not None:
             correct = sum(r["correct"][0] for r in done.values())
-            bar.set_postfix(acc=f"{correct / len(done):.2f}", tok_s=f"{tokens_done / seconds_done:.0f}")
-            bar.update(len(chunk))
+            bar.set_postfix(acc=f"{correct / len(done):.2f}", tok_s=f"{tokens_done / (now - started):.0f}")
+            bar.update(1)
+
+    if todo:
+        seeds = None if settings.temperature == 0 else [derive_seed(settings.seed, p.id) for p in todo]
+        generate(model, tokenizer, [prompt_of[p.id] for p in todo], max_new_tokens=settings.max_new_tokens,
+                 temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
+                 stop=stop_strings(settings.template), seed=seeds, batch_size=batch_size, on_prompt_done=save)
     if bar is not None:
         bar.close()
     return [done[p.id] for p in problems]

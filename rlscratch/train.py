@@ -342,18 +342,21 @@ def prepass(model, tokenizer, task, problems: list[Problem], cfg: TrainConfig, r
     started = time.perf_counter()
     for start in range(0, len(todo), per_call):
         chunk = todo[start:start + per_call]
+        chunk_started = time.perf_counter()
         with autocast():
             completions = generate(model, tokenizer, _encode(tokenizer, task, chunk),
                                    max_new_tokens=cfg.prepass_max_new_tokens or cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, n=k, stop=task.stop,
                                    seed=[derive_seed(cfg.seed, "prepass", p.id) for p in chunk],
                                    batch_size=cfg.generation_batch_size)
+        share = (time.perf_counter() - chunk_started) / len(chunk)  # each question's share of the time
         lines = ["\n"] if records_path.exists() and not records_path.read_text().endswith("\n") else []  # a cut line
         for i, problem in enumerate(chunk):
             answers = completions[i * k:(i + 1) * k]
             done[problem.id] = {"id": problem.id, "rewards": [task.reward(problem, c) for c in answers],
                                 "tokens": [len(c.token_ids) for c in answers],
-                                "truncated": [task.truncated(c) for c in answers]}
+                                "truncated": [task.truncated(c) for c in answers],
+                                "seconds": share}
             lines.append(json.dumps(done[problem.id]) + "\n")
         with open(records_path, "a", encoding="utf-8") as f:
             f.writelines(lines)
@@ -368,7 +371,8 @@ def prepass(model, tokenizer, task, problems: list[Problem], cfg: TrainConfig, r
     summary = {"samples": k, "questions": len(problems), "histogram": histogram, "kept": kept,
                "signal_fraction_all": signal_fraction(list(rates.values()), cfg.group_size),
                "signal_fraction_kept": signal_fraction([rates[i] for i in kept], cfg.group_size),
-               "mean_tokens": sum(tokens) / max(1, len(tokens)), "seconds": time.perf_counter() - started}
+               "mean_tokens": sum(tokens) / max(1, len(tokens)),
+               "seconds": sum(done[p.id].get("seconds", 0.0) for p in problems)}  # over every session of it
     _write_json(summary_path, summary)
     return summary
 

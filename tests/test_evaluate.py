@@ -20,25 +20,32 @@ def test_templates(tokenizer):
         format_prompt(tokenizer, "Q?", "fancy")
 
 
+def stopped_after(saved: int, real_generate):
+    """`generate` that raises KeyboardInterrupt once `saved` problems were handed to the caller (a user's Ctrl-C)."""
+    def generate(model, tok, prompts, *, on_prompt_done, **kw):
+        count = []
+
+        def save_then_stop(i, samples):
+            on_prompt_done(i, samples)
+            count.append(i)
+            if len(count) == saved:
+                raise KeyboardInterrupt
+
+        return real_generate(model, tok, prompts, on_prompt_done=save_then_stop, **kw)
+
+    return generate
+
+
 def test_resume_after_interruption(tiny_model, tokenizer, tmp_path, monkeypatch):
     settings = E.EvalSettings(model="tiny", max_new_tokens=4)
     full = E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "a", progress=False)
 
-    calls = []
     real_generate = E.generate
-
-    def flaky(model, tok, prompts, **kw):
-        calls.append(len(prompts))
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the user stops the run during the second batch
-        return real_generate(model, tok, prompts, **kw)
-
-    monkeypatch.setattr(E, "generate", flaky)
+    monkeypatch.setattr(E, "generate", stopped_after(2, real_generate))  # the user stops the run
     with pytest.raises(KeyboardInterrupt):
         E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "b", progress=False)
     log = next((tmp_path / "b").glob("*.jsonl"))
-    assert len(log.read_text().splitlines()) == 2  # the first batch was saved
-    calls.clear()
+    assert len(log.read_text().splitlines()) == 2  # the finished problems were saved
     monkeypatch.setattr(E, "generate", real_generate)
     resumed = E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "b", progress=False)
     assert [r["id"] for r in resumed] == [p.id for p in PROBLEMS]
@@ -114,15 +121,8 @@ def test_sampled_runs_resume_and_batch_sizes_draw_the_same_samples(tiny_model, t
     wider = E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=8, run_dir=tmp_path / "b", progress=False)
     assert [r["responses"] for r in wider] == [r["responses"] for r in whole]
 
-    real_generate, calls = E.generate, []
-
-    def interrupted(model, tok, prompts, **kw):
-        calls.append(len(prompts))
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # stopped after two problems
-        return real_generate(model, tok, prompts, **kw)
-
-    monkeypatch.setattr(E, "generate", interrupted)
+    real_generate = E.generate
+    monkeypatch.setattr(E, "generate", stopped_after(2, real_generate))
     with pytest.raises(KeyboardInterrupt):
         E.evaluate(tiny_model, tokenizer, PROBLEMS, settings, batch_size=2, run_dir=tmp_path / "c", progress=False)
     monkeypatch.setattr(E, "generate", real_generate)
@@ -150,6 +150,20 @@ def test_runs_are_keyed_by_the_weights(tiny_model, tokenizer, tmp_path):
     assert len(list(tmp_path.glob("*.jsonl"))) == 2  # a second run, not the first one's records
     E.evaluate(tiny_model, tokenizer, PROBLEMS[:1], settings, run_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("*.jsonl"))) == 2  # the original weights find their run again
+
+
+def test_load_records_reads_a_run_without_a_model(tiny_model, tokenizer, tmp_path):
+    from rlscratch.model import weights_fingerprint
+
+    settings = E.EvalSettings(model="tiny", max_new_tokens=3, weights=weights_fingerprint(tiny_model))
+    assert E.load_records(settings, "gsm8k", run_dir=tmp_path) == {}
+    records = E.evaluate(tiny_model, tokenizer, PROBLEMS[:2], settings, run_dir=tmp_path, progress=False)
+    loaded = E.load_records(settings, "gsm8k", run_dir=tmp_path)
+    assert list(loaded) == ["p0", "p1"] and [loaded[r["id"]]["responses"] for r in records] == [r["responses"] for r in records]
+    other = E.EvalSettings(model="tiny", max_new_tokens=4, weights=settings.weights)
+    assert E.load_records(other, "gsm8k", run_dir=tmp_path) == {}
+    with pytest.raises(ValueError, match="weights"):
+        E.load_records(E.EvalSettings(model="tiny"), "gsm8k", run_dir=tmp_path)
 
 
 def test_bad_problem_lists(tiny_model, tokenizer, tmp_path):

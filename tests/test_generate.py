@@ -331,3 +331,62 @@ def test_generation_under_autocast_with_float32_master_weights(tokenizer, prompt
     assert all(torch.isfinite(torch.tensor(o.logprobs)).all() for o in out)
     assert [o.token_ids for o in out] == [o.token_ids for o in again]
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_add_rows_joins_caches_of_different_lengths(tiny_model, tokenizer, prompts):
+    """Rows appended to a running cache decode exactly as they would alone, whichever cache is longer."""
+    short, long = tokenizer.encode(prompts[2]), tokenizer.encode(prompts[1])
+    for first, second in ((short, long), (long, short)):
+        with torch.no_grad():
+            def prefilled(ids, room):
+                cache = KVCache(tiny_model.config, 1, len(ids) + room, dtype=torch.float32)
+                tiny_model(torch.tensor([ids]), cache=cache)
+                return cache
+
+            a = prefilled(first, 8)
+            for token in (5, 6, 7):  # a has decoded three tokens already
+                tiny_model(torch.tensor([[token]]), cache=a)
+            b = prefilled(second, 0)
+            alone = [tiny_model(torch.tensor([[9]]), cache=prefilled(first + [5, 6, 7], 1))[0, -1],
+                     tiny_model(torch.tensor([[9]]), cache=prefilled(second, 1))[0, -1]]
+            a.add_rows(b, room=4)
+            assert a.length == max(len(first) + 3, len(second)) and a.max_len == a.length + 4
+            assert a.seen.tolist() == [len(first) + 3, len(second)]
+            joined = tiny_model(torch.tensor([[9], [9]]), cache=a)[:, -1]
+        assert torch.allclose(joined, torch.stack(alone), atol=1e-5)
+
+
+def test_finished_rows_are_refilled_with_waiting_prompts(tiny_model, tokenizer, monkeypatch):
+    """Continuous batching: a waiting prompt takes a finished row's place while the others decode on,
+    and every output equals that prompt generated alone."""
+    questions = ["What is 2 + 3?", "Hi", "Name a prime number larger than ten, please, and explain why it is prime.",
+                 "Count to five.", "Why is the sky blue? Answer in one sentence.", "7 * 8 = ?"]
+    prompts = [chat_prompt(tokenizer, q) for q in questions]
+    seeds = [derive_seed(3, i) for i in range(len(prompts))]  # sampled: greedy paths of this model look alike
+    free = generate(tiny_model, tokenizer, prompts[:1], max_new_tokens=10, temperature=1.0, seed=seeds[:1],
+                    ignore_eos=True)[0]
+    kw = dict(max_new_tokens=10, temperature=1.0, stop=[tokenizer.decode(free.token_ids[2:4])], ignore_eos=True)
+    joins = []
+    add_rows = KVCache.add_rows
+    monkeypatch.setattr(KVCache, "add_rows", lambda self, other, room: (joins.append(self.k.shape[1]),
+                                                                        add_rows(self, other, room)))
+    rows_per_step, heard = [], []
+    hook = tiny_model.embed_tokens.register_forward_hook(lambda m, i, o: rows_per_step.append(i[0].shape))
+    together = generate(tiny_model, tokenizer, prompts, batch_size=2, seed=seeds, **kw,
+                        on_prompt_done=lambda i, samples: heard.append((i, [s.token_ids for s in samples])))
+    hook.remove()
+    alone = [generate(tiny_model, tokenizer, [p], seed=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
+    assert together[0].finish_reason == "stop_string" and together[1].finish_reason == "length"  # 0 stops early ...
+    assert joins and max(joins) >= 1  # ... and a waiting prompt joined rows still decoding
+    assert max(shape[0] for shape in rows_per_step) <= 2
+    assert sorted(heard) == sorted((c.prompt_index, [c.token_ids]) for c in together)
+
+
+def test_on_prompt_done_hears_every_prompt_once_with_its_samples(tiny_model, tokenizer, prompts):
+    heard = {}
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=5, temperature=1.0, n=3, seed=2, batch_size=4,
+                   on_prompt_done=lambda i, samples: heard.setdefault(i, []).append(samples))
+    assert sorted(heard) == [0, 1, 2] and all(len(calls) == 1 for calls in heard.values())
+    assert [c for i in range(3) for c in heard[i][0]] == out

@@ -207,7 +207,7 @@ class StubEngine:
         name = next(n for n in SCRIPT if f"Problem {n}:" in prompt)
         return [self.lp_of.get((name, tuple(token_ids)), -0.3) + self.rescore_shift] * len(token_ids)
 
-    def __call__(self, model, tokenizer, prompts, **kw):
+    def __call__(self, model, tokenizer, prompts, on_prompt_done=None, **kw):
         self.calls.append(list(prompts))
         out = []
         for k, prompt in enumerate(prompts):
@@ -219,6 +219,8 @@ class StubEngine:
             self.lp_of[name, tuple(ids)] = lp
             out.append(Completion(prompt_index=k, sample_index=0, text=text, token_ids=ids,
                                   logprobs=[lp] * len(ids), finish_reason="stop"))
+            if on_prompt_done is not None:
+                on_prompt_done(k, out[-1:])
         return out
 
 

@@ -28,7 +28,8 @@ def write_records(tmp_path, settings, ids, n=1, answer="3"):
     name = settings.run_name("gsm8k")
     with open(runs / f"{name}.jsonl", "a") as f:
         for i in ids:
-            f.write(json.dumps({"id": i, "gold": "3", "extracted": [answer] * n, "mean_logprob": [-0.1] * n,
+            f.write(json.dumps({"id": i, "gold": "3", "responses": [f"so \\boxed{{{answer}}}"] * n, "finish": ["stop"] * n,
+                                "extracted": [answer] * n, "mean_logprob": [-0.1] * n,
                                 "tokens": [100] * n, "correct": [answer == "3"] * n, "seconds": 2.0}) + "\n")
         f.write('{"id": "cut short')  # an interrupted write: ignored
 

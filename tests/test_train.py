@@ -299,7 +299,7 @@ def test_prepass_keeps_questions_solved_sometimes_and_resumes(tmp_path, tiny_mod
     (run_dir / "prepass.json").unlink()
     monkeypatch.setattr(T, "generate", lambda *a, **k: pytest.fail("the pre-pass generated again"))
     again = T.prepass(tiny_model, tokenizer, AlternatingTask(), problems, cfg, run_dir, log=lambda s: None)
-    assert {**again, "seconds": 0} == {**summary, "seconds": 0}
+    assert again == summary and summary["seconds"] > 0  # its time counts the sessions that generated
 
 
 def test_gsm8k_rewards_and_a_tiny_run_through_the_harness(tmp_path, monkeypatch, tokenizer):

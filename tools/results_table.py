@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from rlscratch.data import load_gsm8k
-from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, wilson_interval
+from rlscratch.evaluate import EvalSettings, compare_paired, evaluate, load_records, wilson_interval
 from rlscratch.model import OFFLINE_MODEL, OFFLINE_SHA256, cache_dir, describe_hardware
 from rlscratch.results import results_dir
 from rlscratch.scaling import majority_vote
@@ -58,20 +58,6 @@ def settings(args) -> dict[str, EvalSettings]:
     cot = dataclasses.replace(base, template=args.cot_template)
     sc = dataclasses.replace(cot, temperature=args.sc_temperature, n=10, seed=args.sc_seed)
     return {"base": base, "cot": cot, "sc": sc, "sc20": dataclasses.replace(sc, n=20)}
-
-
-def recorded(s: EvalSettings, dataset: str = "gsm8k") -> dict[str, dict]:
-    """The records stored for settings `s` (by problem id), without loading a model."""
-    path = results_dir() / "runs" / f"{s.run_name(dataset)}.jsonl"
-    out = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[r["id"]] = r
-    return out
 
 
 def refine_settings() -> dict:
@@ -111,15 +97,16 @@ def plan(args, problems) -> dict[str, int]:
     """Missing generated answers per row (estimates for rows whose records depend on earlier ones)."""
     ids = [p.id for p in problems]
     s = settings(args)
-    sc20 = recorded(s["sc20"])
-    missing = {"base": sum(i not in recorded(s["base"]) for i in ids),
-               "cot": sum(i not in recorded(s["cot"]) for i in ids)}
-    sc = recorded(s["sc"])
+    sc20 = load_records(s["sc20"], "gsm8k")
+    base, cot = load_records(s["base"], "gsm8k"), load_records(s["cot"], "gsm8k")
+    missing = {"base": sum(i not in base for i in ids), "cot": sum(i not in cot for i in ids)}
+    sc = load_records(s["sc"], "gsm8k")
     missing["sc"] = 10 * sum(i not in sc and i not in sc20 for i in ids)
-    refine = recorded(dataclasses.replace(s["cot"], stage="refine-r0"))
+    refine = load_records(dataclasses.replace(s["cot"], stage="refine-r0"), "gsm8k")
     missing["refine"] = 3 * sum(i not in refine for i in ids)  # rounds 0-2 (later rounds are counted as a whole)
     trained = grpo_settings(args)
-    missing["grpo"] = len(ids) if trained is None else sum(i not in recorded(trained[1]) for i in ids)
+    grpo = {} if trained is None else load_records(trained[1], "gsm8k")
+    missing["grpo"] = len(ids) if trained is None else sum(i not in grpo for i in ids)
     print(f"plan for the first {len(ids)} GSM8K test problems on {describe_hardware()}:")
     total = 0
     for row, answers in missing.items():
@@ -144,7 +131,7 @@ def generate_rows(args, problems) -> None:
         if row in args.rows:
             evaluate(model, tokenizer, problems, s[row], **run)
     if "sc" in args.rows:
-        sc20 = recorded(s["sc20"])
+        sc20 = load_records(s["sc20"], "gsm8k")
         rest = [p for p in problems if p.id not in sc20]
         if rest:
             evaluate(model, tokenizer, rest, s["sc"], **run)
@@ -174,12 +161,12 @@ def table(args, problems) -> dict:
     s = settings(args)
     verdicts, tokens, seconds = {}, {}, {}
     for row in ("base", "cot"):
-        recs = recorded(s[row])
+        recs = load_records(s[row], "gsm8k")
         if all(i in recs for i in ids):
             verdicts[row] = [bool(recs[i]["correct"][0]) for i in ids]
             tokens[row] = [recs[i]["tokens"][0] for i in ids]
             seconds[row] = [recs[i]["seconds"] for i in ids]
-    sc, sc20 = recorded(s["sc"]), recorded(s["sc20"])
+    sc, sc20 = load_records(s["sc"], "gsm8k"), load_records(s["sc20"], "gsm8k")
     if all(i in sc or i in sc20 for i in ids):
         def first10(i):
             r = sc20.get(i) or sc[i]
@@ -191,12 +178,12 @@ def table(args, problems) -> dict:
         seconds["sc"] = [sec for *_, sec in rows]
     trained = grpo_settings(args)
     if trained is not None:
-        recs = recorded(trained[1])
+        recs = load_records(trained[1], "gsm8k")
         if all(i in recs for i in ids):
             verdicts["grpo"] = [bool(recs[i]["correct"][0]) for i in ids]
             tokens["grpo"] = [recs[i]["tokens"][0] for i in ids]
             seconds["grpo"] = [recs[i]["seconds"] for i in ids]
-    refine_recs = recorded(dataclasses.replace(s["cot"], stage="refine-r0"))
+    refine_recs = load_records(dataclasses.replace(s["cot"], stage="refine-r0"), "gsm8k")
     if all(i in refine_recs for i in ids) and (results_dir() / "04_refine_settings.json").exists():
         r = refine_settings()
         model, tokenizer = load_model(OFFLINE_MODEL)

@@ -955,7 +955,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -1000,7 +1000,8 @@ print(f"--- {len(answer_ids)} tokens in {naive_seconds:.1f}s ({len(answer_ids) /
 # quadratic again, just with a smaller constant. The cache also keeps, per row, a mask of which
 # slots hold real tokens (padding does not) and how many real tokens the row has seen (its next
 # RoPE position). `select(rows)` keeps, reorders or duplicates rows: we need it to drop finished
-# rows and to share one prompt between several samples.
+# rows and to share one prompt between several samples. `add_rows` (used in section 4.2) appends
+# the rows of freshly prefilled prompts to a cache that is already decoding.
 
 # %%
 #| export: generate
@@ -1048,6 +1049,26 @@ class KVCache:
         """Keep only `rows` (in that order; repeats duplicate a row), e.g. to drop finished sequences."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
         self.mask, self.seen = self.mask[rows], self.seen[rows]
+
+    def add_rows(self, other: "KVCache", room: int) -> None:
+        """Append `other`'s rows (e.g. prompts just prefilled) after ours, in new storage with `room` free slots.
+
+        A row's real tokens are always its last `seen` slots, so both caches are right-aligned at a common
+        length: the longest row of either. Slots no row uses any more are dropped on the way.
+        """
+        width = int(torch.cat([self.seen, other.seen]).max())
+        layers, rows, heads, _, dim = self.k.shape
+        total = rows + other.k.shape[1]
+        k = self.k.new_zeros(layers, total, heads, width + room, dim)
+        v, mask = torch.zeros_like(k), self.mask.new_zeros(total, width + room)
+        for first, cache in ((0, self), (rows, other)):
+            keep, last = min(cache.length, width), first + cache.k.shape[1]
+            k[:, first:last, :, width - keep:width] = cache.k[:, :, :, cache.length - keep:cache.length]
+            v[:, first:last, :, width - keep:width] = cache.v[:, :, :, cache.length - keep:cache.length]
+            mask[first:last, width - keep:width] = cache.mask[:, cache.length - keep:cache.length]
+        self.k, self.v, self.mask = k, v, mask
+        self.seen = torch.cat([self.seen, other.seen])
+        self.length, self.max_len = width, width + room
 
 
 # %% [markdown]
@@ -1620,8 +1641,19 @@ assert together.tolist() == alone  # a row's draws do not depend on its neighbou
 #   top-k/top-p. That is the quantity the reinforcement-learning chapters need (the policy's
 #   probability of its own action), and it does not change when you change the sampling knobs.
 #
+# * **keeping the batch full** (*continuous batching*, Yu et al. 2022, "Orca"): answers differ in
+#   length, so a fixed batch of 32 prompts spends its last steps decoding the few longest answers
+#   while the other rows sit finished, and a decode step with 3 rows costs almost as much as one
+#   with 32 (the weights are read either way, section 5). Instead, `_decode` takes *all* the
+#   prompts, keeps at most `batch_size` rows running, and when enough rows have finished it
+#   prefills the next waiting prompts and appends their rows to the running cache with
+#   `KVCache.add_rows`. A row's real tokens always sit in its last `seen` slots and its RoPE
+#   positions come from `seen`, so rows that started at different times share one cache: the
+#   newcomers are simply right-aligned with everyone else.
+#
 # `_decode` is a Python generator that yields after every token, which gives us streaming for
-# free; `generate` simply runs it to the end, `batch_size` sequences at a time.
+# free; `generate` runs it to the end and, through `on_prompt_done`, hands each prompt's samples
+# to the caller as soon as they are finished (chapter 2's harness saves them right away).
 
 # %%
 #| export: generate
@@ -1643,33 +1675,60 @@ class Completion:
 
 
 @torch.no_grad()  # not inference_mode: chapter 6 trains on what this returns
-def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, stop, eos_ids, tokenizer, seeds):
-    """Generate for one batch of prompts. Yields (row, token) after each step; returns the rows' results.
-
-    Rows are prompt-major: prompt 0 sample 0..n-1, then prompt 1, ... `seeds`: one per prompt, or None.
-    """
+def _prefill(model, prompt_ids, n, room, pad):
+    """Run prompts through the model once; return their cache (each prompt's rows repeated `n` times,
+    `room` free slots after the prompts) and the logits of each row's first new token."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
     input_ids, attention = _left_pad(prompt_ids, pad, device)
-    cache = KVCache(model.config, len(prompt_ids), input_ids.shape[1] + max_new_tokens, dtype=compute_dtype(model),
-                    device=device)
+    cache = KVCache(model.config, len(prompt_ids), input_ids.shape[1] + room, dtype=compute_dtype(model), device=device)
     logits = model(input_ids, attention_mask=attention, cache=cache, last_only=True)[:, -1].float()
     if n > 1:  # share the prompt: one prefill, n copies of its cache rows
         rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)
         cache.select(rows)
         logits = logits[rows]
+    return cache, logits
+
+
+@torch.no_grad()
+def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, stop, eos_ids, tokenizer, seeds,
+            batch_size=None, on_prompt_done=None):
+    """Generate for a list of prompts, at most `batch_size` rows at a time (default: all at once).
+    Yields (row, token) after each step; returns the rows' results.
+
+    Rows are prompt-major: prompt 0 sample 0..n-1, then prompt 1, ... `seeds`: one per prompt, or None.
+    Whenever rows finish, waiting prompts take their places (continuous batching), and
+    `on_prompt_done(i, tokens, logprobs, reasons)` receives prompt i's n samples once all have finished.
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+    slots = max(n, batch_size or len(prompt_ids) * n)  # rows decoded together
+    admit_at = max(n, slots // 8)  # refill once this many rows are free: fewer, larger prefills
     total = len(prompt_ids) * n
     generators = None if seeds is None or temperature == 0 else _row_generators(seeds, n, device)
     tokens: list[list[int]] = [[] for _ in range(total)]
     logprobs: list[list[float]] = [[] for _ in range(total)]
     reason = ["length"] * total
-    active = list(range(total))  # output row of each batch row still running
-    for step in range(max_new_tokens):
+    unfinished = [n] * len(prompt_ids)  # samples still running, per prompt
+    waiting = list(range(len(prompt_ids)))[::-1]  # a stack: the next prompt to start is last
+    active: list[int] = []  # output row of each batch row still running
+    cache, logits = None, None
+    while waiting or active:
+        free = slots - len(active)
+        if waiting and free >= min(admit_at, len(waiting) * n):  # start waiting prompts in the free rows
+            starting = [waiting.pop() for _ in range(min(free // n, len(waiting)))]
+            new_cache, new_logits = _prefill(model, [prompt_ids[i] for i in starting], n,
+                                             max_new_tokens if cache is None else 0, pad)
+            if cache is None:
+                cache, logits = new_cache, new_logits
+            else:
+                cache.add_rows(new_cache, room=max_new_tokens)
+                logits = torch.cat([logits, new_logits])
+            active += [i * n + j for i in starting for j in range(n)]
         row_generators = None if generators is None else [generators[row] for row in active]
         next_tokens = sample_next_token(logits, temperature=temperature, top_p=top_p, top_k=top_k,
                                         generator=row_generators)
         chosen_logprobs = torch.log_softmax(logits, -1).gather(-1, next_tokens[:, None])[:, 0]
-        keep = []
+        keep, finished = [], []
         for b, (row, tok, lp) in enumerate(zip(active, next_tokens.tolist(), chosen_logprobs.tolist())):
             tokens[row].append(tok)
             logprobs[row].append(lp)
@@ -1678,23 +1737,32 @@ def _decode(model, prompt_ids, *, n, max_new_tokens, temperature, top_p, top_k, 
                 reason[row] = "stop"
             elif stop and _stop_string_end(tokenizer, tokens[row], stop):
                 reason[row] = "stop_string"
-            else:
+            elif len(tokens[row]) < max_new_tokens:
                 keep.append(b)
-        if not keep or step == max_new_tokens - 1:
-            break
+                continue
+            finished.append(row)
+        for row in finished:
+            i = row // n
+            unfinished[i] -= 1
+            if unfinished[i] == 0 and on_prompt_done is not None:
+                rows = range(i * n, (i + 1) * n)
+                on_prompt_done(i, [tokens[r] for r in rows], [logprobs[r] for r in rows], [reason[r] for r in rows])
         if len(keep) < len(active):  # drop finished rows: they cost nothing from now on
-            keep_t = torch.tensor(keep, device=device)
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
             cache.select(keep_t)
             next_tokens = next_tokens[keep_t]
             active = [active[b] for b in keep]
-        logits = model(next_tokens[:, None], cache=cache, last_only=True)[:, -1].float()
+        if active:
+            logits = model(next_tokens[:, None], cache=cache, last_only=True)[:, -1].float()
+        else:  # every row finished: the next prompts start a fresh cache
+            cache, logits = None, None
     return tokens, logprobs, reason
 
 
 # %% [markdown]
-# `generate` checks its settings, encodes the prompts, derives the seeds, splits the work into
-# batches of `batch_size` sequences (with *n* samples per prompt, `batch_size // n` prompts per
-# batch) and turns each row into a `Completion`.
+# `generate` checks its settings, encodes the prompts, derives the seeds, runs `_decode` over all
+# of them (at most `batch_size` rows at once, so `batch_size // n` prompts with *n* samples each)
+# and turns each row into a `Completion`.
 
 # %%
 #| export: generate
@@ -1724,36 +1792,43 @@ def generate(
     batch_size: int = 16,
     progress: bool = False,
     ignore_eos: bool = False,
+    on_prompt_done: Callable[[int, list[Completion]], None] | None = None,
 ) -> list[Completion]:
-    """Generate `n` samples for each prompt, `batch_size` sequences at a time.
+    """Generate `n` samples for each prompt, at most `batch_size` sequences at a time.
 
     Prompts are strings (already chat-formatted, see `chat_prompt`) or token-id lists. A sample stops
     at an end-of-turn token, at any of the `stop` strings (cut from `text`), or after `max_new_tokens`.
     `seed` is an int or one seed per prompt; every sample draws from its own generator derived from its
     prompt's seed and its sample index, so the same seed gives the same samples whatever the batch size
     or the other prompts in the call. `ignore_eos` (for benchmarks) always generates `max_new_tokens`.
+    A finished sequence's rows go to the next waiting prompt at once; `on_prompt_done(i, samples)` hears
+    of each prompt as soon as its samples are done (e.g. to save them), in order of completion.
     """
     _check_settings(max_new_tokens, n, temperature, top_p, top_k)
     encoded = _encode_prompts(tokenizer, prompts, model.config.max_position_embeddings, max_new_tokens)
     seeds = _prompt_seeds(seed, len(encoded))
     eos_ids = set() if ignore_eos else stop_token_ids(tokenizer)
-    per_batch = max(1, batch_size // n)
-    chunks = [range(i, min(i + per_batch, len(encoded))) for i in range(0, len(encoded), per_batch)]
+    bar = None
     if progress:
         from tqdm import tqdm  # a text bar: it stays readable in saved notebook outputs
 
-        chunks = tqdm(chunks, desc="generate", unit="batch")
-    results: list[Completion] = []
-    for chunk in chunks:
-        steps = _decode(model, [encoded[i] for i in chunk], n=n, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, eos_ids=eos_ids,
-                        tokenizer=tokenizer, seeds=None if seeds is None else [seeds[i] for i in chunk])
-        tokens, logprobs, reasons = _run_to_end(steps)
-        for r in range(len(tokens)):
-            results.append(Completion(prompt_index=chunk[r // n], sample_index=r % n,
-                                      text=_finish_text(tokenizer, tokens[r], stop), token_ids=tokens[r],
-                                      logprobs=logprobs[r], finish_reason=reasons[r]))
-    return results
+        bar = tqdm(total=len(encoded), desc="generate", unit="prompt")
+    done: dict[int, list[Completion]] = {}
+
+    def prompt_done(i: int, tokens: list[list[int]], logprobs: list[list[float]], reasons: list[str]) -> None:
+        done[i] = [Completion(prompt_index=i, sample_index=j, text=_finish_text(tokenizer, tokens[j], stop),
+                              token_ids=tokens[j], logprobs=logprobs[j], finish_reason=reasons[j]) for j in range(n)]
+        if bar is not None:
+            bar.update(1)
+        if on_prompt_done is not None:
+            on_prompt_done(i, done[i])
+
+    _run_to_end(_decode(model, encoded, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, stop=stop, eos_ids=eos_ids, tokenizer=tokenizer, seeds=seeds,
+                        batch_size=batch_size, on_prompt_done=prompt_done))
+    if bar is not None:
+        bar.close()
+    return [c for i in range(len(encoded)) for c in done[i]]
 
 
 def _run_to_end(steps):

@@ -559,6 +559,12 @@ print(f"ECE of the binned map on its own train responses: {calibration_error(rel
 print(f"AUROC on train: {BEST_SCORE} {auroc(train_scores, labels):.3f}, binned {auroc(told, labels):.3f} (ties inside bins)")
 
 # %% [markdown]
+# The map rises from 2% to 62% over the eight bins of 100 train responses, with one dip (16%, then
+# 10%, in the third and fourth bins), where it reverses the score's order; the AUROC barely moves
+# (0.788 for `total`, 0.786 for the binned value). Its ECE of 0.00 on the responses it was fitted on
+# holds by construction and proves nothing about other answers; this chapter does not measure how
+# well its percentages hold on test answers.
+#
 # ## 2. The refinement loop
 #
 # ### 2.1 A conversation with the model's own answer
@@ -845,9 +851,9 @@ assert len(again_lps) == len(r0_record["logprobs"][0]) and gap < 0.25
 # ### 2.3 The runs
 #
 # Both kinds of feedback for `ROUNDS` rounds on the `N_TEST` test problems, all greedy. Round 0 is
-# shared (same prompt, same records), and so is any round the oracle skips. The confidence score in
-# the feedback is `BEST_SCORE`, chosen on train in section 1.4 (`total` in the stored run: see the
-# flaw in section 2.1).
+# shared (same prompt, same records); where the oracle skips a problem, its previous answer stands at
+# no cost. The confidence in the feedback is `BEST_SCORE`, chosen on train in section 1.4 (`total` in
+# the stored run), turned into a percentage by the calibration map of section 1.5.
 
 # %%
 t0 = time.perf_counter()
@@ -897,9 +903,10 @@ print(textwrap.indent(tail(r1["response"]), "  "))
 
 
 # %% [markdown]
-# The flaw of section 2.1 at work: the feedback said "0%", and the round-1 answer redid the same
-# arithmetic (revenue 10), then treated "confidence" as a quantity of the problem, declared it 100%
-# and boxed 100: still wrong, for a new reason.
+# Told "32%" (the train accuracy of the map's bin from −30.4 to −25.9), the model redid the
+# arithmetic and reached a different wrong revenue ($2 instead of $10), then took the "estimated
+# chance" for a quantity the problem asked about and boxed 32: the number from the feedback, not an
+# answer to the question. One conversation is an anecdote; section 3 counts.
 #
 # ## 3. Round by round
 #
@@ -995,28 +1002,39 @@ assert all(row["right_wrong"] == 0 for row in tables["verifier"])  # the oracle 
 # %% [markdown]
 # How to read the columns: *refined* is the number of problems answered anew in that round,
 # *w→r* / *r→w* the flips since the previous round, *changed* the answers that differ from the
-# previous round's (not equivalent), *p vs 0* the exact McNemar p-value of the round against round 0,
-# *by conf.* the accuracy when the final answer is the most confident among rounds 0..r (with its own
-# p-value), *length* the mean length of the new answers, *conf.* the mean confidence of the round's
-# answers.
+# previous round's (not equivalent), *repeat* the new answers that copy the previous response word
+# for word, *p vs 0* the exact McNemar p-value of the round against round 0, *by conf.* the accuracy
+# when the final answer is the most confident among rounds 0..r (with its own p-value), *length* the
+# mean length of the new answers, *in turn* and *rescored* the mean `total` of the round's answers as
+# generated in the conversation and as re-scored after the question alone, *conf.* their mean
+# calibrated confidence (what the next round's feedback tells them).
 #
 # The oracle's row cannot lose: it never sends back a right answer. In the stored run it did not win
 # either: told "your answer is wrong", the model fixed **0 of the 29** wrong answers in three rounds.
-# It changed 9 of the 29 answers in round 1, all to other wrong ones, and none in rounds 2 and 3.
+# It changed 9 of the 29 answers in round 1, all to other wrong ones, and none in rounds 2 and 3,
+# where 26 and then all 29 of the new answers repeat the previous response word for word.
 # "Try again, it is wrong" bought nothing from this model here: the oracle's upper bound is zero gain.
 #
-# Confidence feedback changed 16 answers in round 1: 1 wrong → right and 4 right → wrong, so 20.0%
-# against 27.5% at round 0 (exact McNemar p = 0.38 over 5 discordant problems). That is not a
-# significant difference: it does not show that this refinement hurts, nor that it is harmless.
-# Rounds 2 and 3 flipped no verdict.
+# Confidence feedback did harm if its latest answer is kept. Round 1 changed 35 of the 40 answers:
+# 0 wrong → right and 8 right → wrong, so 7.5% against 27.5% at round 0 (exact McNemar p = 0.008; all
+# 8 discordant problems went the same way). Round 2 changed 12 answers without flipping a verdict,
+# round 3 changed none, and by then 37 of the 40 answers repeat the previous one word for word.
 #
-# Read the *conf.* column with care. The mean $e^{\text{total}}$ is 0.00 in rounds 0 and 1, then jumps
-# to 0.46-0.47 in rounds 2 and 3 (0.31 and 0.51 for the oracle, whose answers did not change at all
-# after round 1). A likely cause, still to be checked: an answer that repeats text already in the
-# conversation is nearly certain token by token, so its `total` is near 0 — confidence in copying,
-# not in correctness. If so, the "most confident round" rule prefers late, repeated answers over the
-# first one, and indeed *by conf.* equals the latest round's accuracy from round 2 on: the guard
-# against talked-out right answers did not guard.
+# Choosing the most confident round avoided that loss: *by conf.* stays at 27.5% in every round
+# (p = 1.000 against round 0). The *rescored* column shows why. Re-scored after the question alone,
+# the refined answers average −146.0 to −151.9 in `total`, against −28.7 for the first answers:
+# about −0.39 per token against −0.10 (−146.0 / 376 and −28.7 / 294, from the means). An answer that
+# responds to feedback is an unlikely *first* answer, right or wrong, so it almost never beats
+# round 0. The same fact empties the feedback after round 1: the mean *conf.* drops from 0.36 to
+# 0.02, the map's lowest bin, so the feedback after rounds 1 and 2 said "2%" to at least 37 of the
+# 40 answers (the lowest bin says 2%, the next 7%: a mean below 0.025 leaves room for at most three
+# answers above 2%). A near-constant message carries almost no information about the answer, the
+# very defect the calibration was meant to fix.
+#
+# The *in turn* column shows the trap that re-scoring avoids. Scored as generated, the round-2 and
+# round-3 answers average −2.4 and −0.7, far above round 0's −28.7: text copied from earlier in
+# the conversation is nearly certain token by token. Those scores would have favoured the late
+# rounds, whose accuracy is 7.5%.
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(13, 4))
@@ -1072,12 +1090,15 @@ for label, table, key, *_ in curves:
 # %% [markdown]
 # **Verdict: untestable here.** No curve gains over round 0 at any round, so there is no gain whose
 # timing the claim could describe; it is neither confirmed nor refuted. Confidence feedback, latest
-# answer: −7.5 points at rounds 1, 2 and 3 (p = 0.38 each). Most confident round: −5.0 (p = 0.50),
-# then −7.5 (p = 0.38, 0.38). Oracle: 0 at every round (p = 1.00).
+# answer: −20.0 points at rounds 1, 2 and 3 (p = 0.008 each, printed as 0.01 above). Most confident
+# round: 0 at every round (p = 1.00). Oracle: 0 at every round (p = 1.00). The one significant change
+# is a loss, and all of it came in round 1 (8 lost, 0 gained; no verdict flipped in rounds 2 and 3):
+# where refinement moved accuracy at all, it did so in the first round, in the wrong direction.
 #
 # With `N_TEST` problems, one problem is 2.5 points (at n = 40), and a difference needs several
-# discordant problems, nearly all in one direction, before McNemar's p falls below 0.05. So read the
-# verdicts with their p-values: a "gain" of one or two problems is not evidence of anything.
+# discordant problems, nearly all in one direction, before McNemar's p falls below 0.05: 6 to 0 gives
+# $2/2^6 \approx 0.031$, 5 to 0 only $2/2^5 \approx 0.063$. So read the verdicts with their p-values:
+# a "gain" of one or two problems is not evidence of anything.
 #
 # **Does the train choice of score hold on test?** The round-0 answers are greedy test responses, the
 # same kind as the study's greedy train responses; their AUROCs (on only `N_TEST` answers, so with a
@@ -1116,9 +1137,13 @@ print(f"\nrecorded generation time: confidence study {study_minutes:.1f} min, re
 
 # %% [markdown]
 # Compare the rounds' rates: with confidence feedback they fall from 122 generated tokens/s in round
-# 0 to 71, 45 and 32 in rounds 1-3, although each round writes about the same number of tokens. The
-# later rounds pay for longer prompts (1,150 tokens per problem on average by round 3) that must be
-# read before the first new token, and for attention over a longer cache at every step. Our engine re-reads each conversation from the start; an engine that kept every
+# 0 to 83, 51 and 38 in rounds 1-3, although each of those rounds writes about 15,000 tokens. The
+# later rounds pay for longer prompts (453, 887 and 1,318 tokens per problem on average) that must be
+# read before the first new token, and for attention over a longer cache at every step. The oracle's
+# rounds show the same fall (55, 36, 24 tokens/s). These rates come from recorded times of more than
+# one execution (only the confidence rounds 1-3 show progress bars in section 2.3; the other rounds
+# were read back from earlier runs) on a shared machine, so read them as a trend, not as a benchmark.
+# Our engine re-reads each conversation from the start; an engine that kept every
 # conversation's KV cache from the previous round (prefix caching, as serving engines such as vLLM
 # do) would read only the new feedback turn. On a GPU the prompts matter much less: a prefill is a
 # few large matrix products, which a GPU does in milliseconds; generation, one token at a time,
@@ -1167,13 +1192,15 @@ if not SMOKE:
 print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_start) / 60:.1f} min (recorded runs are reused)")
 
 # %% [markdown]
-# The row: 20.0% (95% CI 10.5%-34.8%) for 884 generated tokens per problem plus 1,351 prompt tokens
-# re-read, against 27.5% for chain of thought (293 tokens) and 27.3% for self-consistency with
-# $N = 10$ (2,994 tokens). Refinement generated $K + 1 = 3$ answers per problem, the token cost of
-# self-consistency with $N = 3$, plus the re-read prompts. The sharper test is the paired one against
-# its own round 0: 1 gained, 4 lost, exact McNemar p = 0.38 on 40 problems. No significant difference:
-# on this evidence, refinement with this run's feedback did not help, and 40 problems cannot tell
-# whether it hurts. The latest-round rule gives the same 20.0%.
+# The row: 27.5% (95% CI 16.1%-42.8%) for 1,045 generated tokens per problem plus 1,441 prompt
+# tokens re-read, against 27.5% for chain of thought (293 tokens) and 27.3% for self-consistency with
+# $N = 10$ (2,994 tokens). Refinement generated $K + 1 = 3$ answers per problem, and the refined ones
+# are longer (about 375 tokens, section 3), so it cost about 3.6 times chain of thought's tokens
+# (1,045 / 293), plus the re-read prompts. The sharper test is the paired one against its own round
+# 0: 0 gained, 0 lost, exact McNemar p = 1.00 on 40 problems. No significant difference; in fact the
+# same verdicts as the first answers. The latest-round rule would have given 7.5% (8 lost, 0 gained
+# against round 0, p = 0.008, section 3): the selection rule fixed before the run is what kept the
+# row from that loss.
 #
 # ## Summary
 #
@@ -1185,19 +1212,24 @@ print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_st
 # * the refinement conversation (`feedback_message`, `refinement_messages`, rendered by chapter 2's
 #   `render_chat`) and `self_refine`, each round a recorded, resumable harness run, with
 #   `choose_round` / `final_rounds` for the two selection rules;
-# * the paired analysis: `flips`, `mcnemar_exact`, `round_table`.
+# * the calibration map `calibrated` (histogram binning, fitted on train), and the re-scoring of
+#   every answer as a first answer (`response_logprobs`, kept on disk by `RescoreCache`);
+# * the paired analysis: `flips` and `round_table`, with chapter 2's `mcnemar_exact`.
 #
 # The chapter's lesson is about the feedback signal, and the stored run shows it from the bottom.
 # Even the oracle's "this is wrong", aimed at exactly the problems the model failed, fixed 0 of 29:
 # asked to find its own mistake, this 0.5B model kept 20 of its 29 wrong answers in round 1 and
 # changed none after that, so retrying bought nothing and the oracle's upper bound is zero. The
-# deployable feedback was weaker still: by the design flaw of section 2.1 it told nearly every answer
-# "0%", and it ended 1 gained, 4 lost against round 0 (p = 0.38, not significant). Before concluding
-# that self-refinement cannot work at this scale, two things should change: a confidence message
-# that varies between answers ($e^{\text{mean}}$ or a train percentile), and a selection score that
-# repeated text cannot fool. Chapter 3's pass@N already showed that the right answer is often within
-# reach by sampling; refinement did not reach it here. The next chapters change the model instead,
-# so that the right answer becomes the likely one.
+# deployable feedback, a calibrated percentage that differs between answers, did harm when its
+# latest answer was kept: 8 right answers lost, none gained (p = 0.008), and in the one conversation
+# printed the model boxed the percentage it was told. Selection by confidence undid the harm, but
+# only because a revision re-scored as a first answer scores far below the first answer itself: the
+# rule kept round 0's verdicts (0 gained, 0 lost at K = 2), and after round 1 the feedback said "2%"
+# to nearly every answer. Two questions stay open: whether feedback without a number avoids that confusion, and how
+# to score a revision fairly when it is, by its nature, not a first answer. Chapter 3's pass@N
+# already showed that the right answer is often within reach by sampling; refinement did not reach
+# it here. The next chapters change the model instead, so that the right answer becomes the likely
+# one.
 #
 # ## Exercises
 #
@@ -1257,6 +1289,6 @@ if pos and neg:
     print(f"pairs {len(pos) * len(neg)}, won {wins}, tied {ties}: {by_pairs:.4f} vs auroc "
           f"{auroc([r['answer'] for r in rows], [r['correct'] for r in rows]):.4f}")
     print(f"tied pairs with both at -inf (no boxed answer): {sum(p == q == -math.inf for p in pos for q in neg)}")
-# The two agree to rounding. Most ties are pairs whose answer tokens are all near-certain, rounding
-# to the same log-prob, or pairs of responses without a boxed answer (-inf), e.g. a correct answer
-# found by the verifier's fallback rules next to a truncated wrong one.
+# The two agree to rounding. None of the ties here involve a missing box (-inf on both sides); they
+# are pairs whose answer tokens are all near-certain, so both log-probs round to the same
+# value: the answer score cannot rank answers the model is sure of.

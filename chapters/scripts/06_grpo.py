@@ -537,9 +537,9 @@ assert 0.05 < base_rate < 0.5
 # contributes nothing to the policy gradient. How often that happens depends on each question's
 # pass rate $p$: with $G$ independent answers, a group is all-wrong with probability $(1-p)^G$ and
 # all-right with probability $p^G$, so it carries a signal with probability $1 - p^G - (1-p)^G$.
-# Chapter 3's records put numbers on it: over 40 test questions × 20 samples at T = 0.3 the model
-# was right 22% of the time, 16 questions were never solved, and only about 40% of groups of 8 would
-# have carried any signal.
+# Chapter 3's records put numbers on it (chapter 5, section 2.3): over 40 test questions × 20
+# samples at T = 0.3 the model was right 22% of the time, 16 questions were never solved, and only
+# 43-45% of groups of 8 would have carried any signal.
 #
 # So before training, a cheap **pre-pass** samples a few answers (`prepass_samples`, default 4)
 # for each candidate question with the starting model, and keeps the questions solved by some but
@@ -596,18 +596,21 @@ def prepass(model, tokenizer, task, problems: list[Problem], cfg: TrainConfig, r
     started = time.perf_counter()
     for start in range(0, len(todo), per_call):
         chunk = todo[start:start + per_call]
+        chunk_started = time.perf_counter()
         with autocast():
             completions = generate(model, tokenizer, _encode(tokenizer, task, chunk),
                                    max_new_tokens=cfg.prepass_max_new_tokens or cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, n=k, stop=task.stop,
                                    seed=[derive_seed(cfg.seed, "prepass", p.id) for p in chunk],
                                    batch_size=cfg.generation_batch_size)
+        share = (time.perf_counter() - chunk_started) / len(chunk)  # each question's share of the time
         lines = ["\n"] if records_path.exists() and not records_path.read_text().endswith("\n") else []  # a cut line
         for i, problem in enumerate(chunk):
             answers = completions[i * k:(i + 1) * k]
             done[problem.id] = {"id": problem.id, "rewards": [task.reward(problem, c) for c in answers],
                                 "tokens": [len(c.token_ids) for c in answers],
-                                "truncated": [task.truncated(c) for c in answers]}
+                                "truncated": [task.truncated(c) for c in answers],
+                                "seconds": share}
             lines.append(json.dumps(done[problem.id]) + "\n")
         with open(records_path, "a", encoding="utf-8") as f:
             f.writelines(lines)
@@ -622,7 +625,8 @@ def prepass(model, tokenizer, task, problems: list[Problem], cfg: TrainConfig, r
     summary = {"samples": k, "questions": len(problems), "histogram": histogram, "kept": kept,
                "signal_fraction_all": signal_fraction(list(rates.values()), cfg.group_size),
                "signal_fraction_kept": signal_fraction([rates[i] for i in kept], cfg.group_size),
-               "mean_tokens": sum(tokens) / max(1, len(tokens)), "seconds": time.perf_counter() - started}
+               "mean_tokens": sum(tokens) / max(1, len(tokens)),
+               "seconds": sum(done[p.id].get("seconds", 0.0) for p in problems)}  # over every session of it
     _write_json(summary_path, summary)
     return summary
 
@@ -1954,22 +1958,24 @@ for r in run_a["metrics"][:10]:
 #     --lr 1e-6 --save-every 2 --eval-problems 200 --output-dir ~/.cache/rlscratch/runs/grpo-gsm8k --seed 0
 # ```
 #
-# How the settings were chosen, all on training questions: $P = 4$ questions × $G = 8$ answers per
-# step and the 300-token budget from the pre-pass (below: the share of groups with a signal for each
-# $G$, and how long right answers are); the learning rate $10^{-6}$ from chapter 5's pilots on its
-# arithmetic task, where $10^{-5}$ collapsed the policy in one step (DeepSeekMath's GRPO runs used
-# $10^{-6}$ too). A pilot at $3 \times 10^{-6}$ on the same GSM8K training questions (below) was run
-# only after the main run, so it informs the next run rather than this one. The test questions play
-# no part in any choice: they are only evaluated.
+# How the settings were chosen. $P = 4$ questions × $G = 8$ answers, the 300-token budget and the
+# learning rate $10^{-6}$ are the GSM8K task's defaults (`TASK_DEFAULTS`, section 1), fixed before
+# this run began. The rate comes from chapter 5's pilots on its arithmetic training problems, where
+# $10^{-5}$ collapsed the policy in one step (DeepSeekMath's GRPO runs used $10^{-6}$ too). Two
+# checks on GSM8K training questions came afterwards: the run's own pre-pass shows how well $G$ and
+# the budget fit, and a pilot at $3 \times 10^{-6}$, run after the main run had finished, tries a
+# larger rate (both below). They inform the next run, not this one. The test questions play no part
+# in any choice: they are only evaluated.
 #
-# Budget on this 2-core CPU (AMD EPYC Zen 4, bf16): the pre-pass samples 4 answers for each of 128
-# candidate questions (3.3 min) and keeps the 42 solved sometimes; 3 epochs over them are 32 steps
-# of 4 questions, at a median of 3.1 minutes each (101 minutes in all), plus four evaluations of 200 test questions at about 7-8
-# minutes each. The run was stopped and resumed several times across two sessions (twice killed by
-# the out-of-memory killer: the training process's resident memory crept from about 15 GB to over
-# 23 GB within a dozen steps, a problem still to fix); every restart continued from the last
-# checkpoint. The cells below read the run folder's records (or their copy kept with the book), so
-# re-executing this notebook never retrains.
+# Budget on this 2-core CPU (AMD EPYC, bf16): the pre-pass samples 4 answers for each of 128
+# candidate questions and keeps the 42 solved sometimes; 3 epochs over them are
+# $\lceil 3 \cdot 42 / 4 \rceil = 32$ steps of 4 questions, at a median of 3.1 minutes each (101
+# minutes in all), plus four evaluations of 200 test questions. The run was stopped and resumed
+# several times (twice killed by the out-of-memory killer, as the training process's memory grew from
+# step to step: a problem still to fix); every restart continued from the last checkpoint. The
+# pre-pass too was interrupted and resumed, and the time printed below counts only its last session,
+# the questions it still had to do. The cells below read the run folder's records (or their copy
+# kept with the book), so re-executing this notebook never retrains.
 
 # %%
 import json
@@ -2056,11 +2062,13 @@ else:
           f"{pre['seconds'] / 60:.1f} min")
 
 # %% [markdown]
-# **Pilots: group size and token budget.** The pre-pass doubles as the pilot for two settings, at no
-# extra cost. A group carries a signal only if its $G$ answers disagree, and from each question's
-# pre-pass pass rate $p$ the chance of that is $1 - p^G - (1-p)^G$ (section 4's `signal_fraction`),
-# for any $G$, without sampling more. The budget has to leave room for right answers, and the
-# pre-pass answers (sampled at $T = 1$ with the 300-token budget) say how long those are.
+# **Checking two settings: group size and token budget.** The pre-pass, run on training questions
+# with the settings already fixed, shows at no extra cost how well they fit. A group carries a signal
+# only if its $G$ answers disagree, and from each question's pre-pass pass rate $p$ the chance of
+# that is $1 - p^G - (1-p)^G$ (section 4's `signal_fraction`), for any $G$, without sampling more.
+# The budget has to leave room for right answers, and the pre-pass answers (sampled at $T = 1$ under
+# the same 300-token budget) say how long those are; they cannot say how many more a longer budget
+# would have let through.
 
 # %%
 pre_answers = _read_jsonl(RECORDS / "prepass.jsonl") if real is not None else []
@@ -2093,21 +2101,23 @@ else:
 
 # %% [markdown]
 # Over all 128 candidates only 30% of groups of 8 would carry a signal (33% of groups of 16); over
-# the kept questions 93% do, and doubling to $G = 16$ would buy 6 points more at twice the sampling
-# cost per question, while $G = 4$ would lose 19. So $G = 8$, with the pre-pass doing most of the
-# work. The budget is tight on purpose: 42% of the sampled answers ran into the 300 tokens, yet the
-# right ones were short (median 225 tokens, 90% within 289). A truncated answer earns a reward only if
-# it already stated one, so the budget also pushes towards finishing sooner; the length curves below
-# show whether that happened. (Greedy answers are tidier: at evaluation, with 512 tokens, 3.5% hit the
-# limit.)
+# the kept questions 93% do. Doubling to $G = 16$ would buy 6 points more at twice the sampling cost
+# per question, while $G = 4$ would lose 19, so $G = 8$ holds up, with the pre-pass doing most of the
+# work. The budget is tight: 42% of the sampled answers ran into the 300 tokens. The right ones
+# mostly fit (median 225 tokens), but their 90th percentile, 289, sits just under the limit, so some
+# answers on their way to being right were probably cut off, how many this pre-pass cannot tell. A
+# truncated answer earns a reward only if it already stated one, so the budget also pushes towards
+# finishing sooner; the length curves below show what happened. (Greedy answers are tidier: at
+# evaluation, with 512 tokens, 3.5% hit the limit.)
 #
 # **Pilot: learning rate.** The same command with `--lr 3e-6` and its own output folder, stopped
-# after 6 steps (19 minutes); it reuses the main run's pre-pass and start evaluation, so it trains on
-# the same 42 questions in the same order. Step 1 samples the same answers in both runs (same
-# weights, same seeds); from step 2 on the policies differ. Six steps of 32 answers cannot rank learning rates by reward (the reward of a
-# step swings by ±0.2 with its 4 questions), so what we look at is whether the larger rate moves the
-# policy much faster away from the start (KL, entropy, clipping) without a collapse like chapter
-# 5's.
+# after 6 steps (about 20 minutes at some 3 minutes a step); it reuses the main run's pre-pass and
+# start evaluation, so it trains on the same 42 questions in the same order. Step 1 samples the same
+# answers in both runs (same weights, same seeds); from step 2 on the policies differ. Six steps of
+# 32 answers cannot rank learning rates by reward: with only 4 questions a step, the reward swings
+# widely from one step to the next (left plot below). What we look at instead is whether the larger
+# rate moves the policy faster away from the start (KL) and whether it collapses like chapter 5's
+# $10^{-5}$ did (entropy, length, gradient norm).
 
 # %%
 pilot = load_run(PILOT_DIR, PILOT_RECORDS)
@@ -2135,17 +2145,19 @@ else:
     plt.show()
 
 # %% [markdown]
-# Over the first 6 steps the two rates earned the same reward (0.37 against 0.39 per step on
-# average, well inside one step's ±0.2 swing), and neither collapsed: entropy, gradient norm and
-# length stay alike, and no token was clipped in either run (one update per batch, so the ratio is
-# 1). What differs is how fast the policy leaves the start: the KL to the reference averages 0.0038
-# per token over the six steps at $3 \times 10^{-6}$ against 0.0015 at $10^{-6}$, 2.5 times as much,
-# and the middle plot shows the gap widening with every step (the warm-up is still raising both
-# rates). Since
-# the main run's whole KL budget ended at 0.02 and its accuracy did not move, the pilot says a
-# three times larger rate is safe for at least the warm-up and would move the model further in the
-# same 32 steps; whether that buys accuracy, six steps cannot say. It is the first change to try
-# in the next run.
+# Over the first 6 steps the two rates show no clear difference in reward (0.37 per step at
+# $3 \times 10^{-6}$ against 0.39 at $10^{-6}$; untested, and well within the step-to-step swings of
+# the left plot), and neither collapsed: entropy (0.27 against 0.28 nats), gradient norm (1.87
+# against 1.84) and length (236 against 226 tokens) stay alike. (The clipped fraction is 0 in both by
+# construction: with one update per batch the ratio is exactly 1, so it cannot show a difference
+# here.) What differs is how fast the policy leaves the start: the KL to the reference averages
+# 0.0038 per token over the six steps at $3 \times 10^{-6}$ against 0.0015 at $10^{-6}$, 2.5 times as
+# much, and the middle plot shows the gap growing from step 3 on. The warm-up (5 steps) raises both
+# rates until step 5, so only the last two of the six steps ran at the full rate: the pilot shows a
+# three times larger rate stable through the warm-up and two steps beyond, no more. The main run kept
+# its KL around 0.02 per token or below for all 32 steps (the curves below) without moving accuracy,
+# so there is room to move further; whether that buys accuracy, six steps cannot say. A larger rate
+# is the first change to try in the next run.
 #
 # %% [markdown]
 # **Training curves**, per step from `metrics.jsonl`: reward, answer length and truncation, KL and
@@ -2239,15 +2251,16 @@ else:
     plt.show()
 
 # %% [markdown]
-# **What the run did.** Nothing measurable to accuracy: 28.0% at the start, 24.0%, 29.5% and again
-# 28.0% after the three epochs (13 gained, 13 lost, p = 1.00). The training reward rose a little
-# (first three steps 0.43, last three 0.47: noise at 32 answers per step), the answers got slightly
-# shorter (291 → 271 tokens at evaluation; truncated 3.5% → 2.0%) and boxed slightly more often
-# (96.5% → 98.0%); the KL to the start stayed at most 0.02 per token. 32 steps at a learning rate of at
-# most $10^{-6}$ moved the weights too little to change what the model can solve, but enough to change
-# every greedy answer's wording: below, not one of the 200 final answers is the same text as at the
-# start, and 26 verdicts flipped, evenly in both directions. That churn is the noise floor any claimed
-# gain must clear.
+# **What the run did.** No significant difference in accuracy: 28.0% at the start, then 24.0%, 29.5%
+# and again 28.0% after the three epochs (n = 200; against the start, exact McNemar p = 0.17, 0.68
+# and 1.00; at the end 13 gained and 13 lost). The training reward of the last three steps (0.47)
+# against the first three (0.43) is no evidence either way: 96 answers each, not to the same
+# questions. At evaluation the answers' mean length went from 291 to 271 tokens, the truncated ones
+# from 3.5% to 2.0% (7 and 4 of 200) and the boxed ones from 96.5% to 98.0%: small changes, not
+# tested. The KL to the start stayed around 0.02 per token or below. So 32 steps at a learning rate
+# of at most $10^{-6}$ did not measurably change what the model solves, yet they changed every greedy
+# answer's wording: below, not one of the 200 final answers is the same text as at the start, and 26
+# verdicts flipped, 13 each way. That churn is the noise floor any claimed gain must clear.
 
 # %%
 if start_answers and len(eval_rows) > 1:
@@ -2270,8 +2283,11 @@ if start_answers and len(eval_rows) > 1:
 #
 # The book's question, asked on the problems where all three methods have records: chapter 3's
 # first 40 test questions (its self-consistency run sampled 20 answers each; its first 10 are an
-# N = 10 vote). The greedy chain of thought here is the GRPO run's own start evaluation (25.0% on
-# these 40; chapter 3's batch composition gave 27.5%, the bf16 rounding differences of chapter 3).
+# N = 10 vote). The greedy chain of thought here is the GRPO run's own start evaluation: 25.0% on
+# these 40, where chapter 3's greedy run of the same model and prompt got 27.5%. The two computed
+# differently (float32 weights under bf16 autocast here, other batches), and in bf16 such differences
+# can flip a near-tie between two tokens (chapter 1, section 4.2), after which a greedy answer takes
+# another path.
 
 # %%
 from rlscratch.scaling import majority_vote
@@ -2319,13 +2335,25 @@ else:
         print(line)
 
 # %% [markdown]
+# On these 40 questions no method differs significantly from another: the trained model answered
+# 20.0% right, greedy chain of thought and self-consistency 25.0% each (GRPO against them: exact
+# McNemar p = 0.69 and 0.62, n = 40), and self-consistency spent ten times the tokens of greedy
+# decoding (2,969 against 299 per question) to tie it. Forty questions can only reveal large
+# differences: the 95% interval around 25.0% runs from 14.2% to 40.2%.
+#
 # ### Where a step's time goes
 #
-# Generation runs near the engine's benchmark rate (187 vs 212 tokens/s: the run's batches mix
-# prompts and answers of uneven length), and so does the reference pass. The policy update, forward +
-# backward + AdamW, is two thirds of every step, at about the rate of the training benchmark without
-# activation checkpointing, which is what the run used. That benchmark ran *faster* with checkpointing
-# (58 vs 42 tokens/s) on this machine, so a next run should try `--gradient-checkpointing`.
+# Generation ran at 187 tokens/s, against 212 in the engine's benchmark (batch 32, 68-token prompts,
+# 256 new tokens). The benchmark ran at another time, on a quiet machine, and the run's batches mix
+# prompts and answers of uneven length, so read the two as the same order of magnitude, no more. The
+# policy update, forward + backward + AdamW, took 65% of the run's time, the reference pass (forward
+# only) 15%. The update's 45.8 tokens/s count completion tokens only, while the training benchmark
+# counts prompt and completion tokens alike, a third of them prompt (128 of 384): its 71.2 tokens/s
+# are about 47 completion tokens/s, close to the run's rate. The benchmark also says what to try next
+# time: activation checkpointing (`--gradient-checkpointing`, not used by this run) trained at nearly
+# the same speed (70.0 against 71.2 tokens/s) with a quarter less peak memory (12.5 against 16.5 GB).
+# That leaves more headroom, but whether it would have spared the run its out-of-memory kills is
+# untested: their cause, memory growing from step to step, is not yet found.
 
 # %%
 from rlscratch.results import REPO_ROOT
@@ -2356,8 +2384,9 @@ else:
         print(f"  generation, packed weights, batch 32: {gen.get('rlscratch KV cache + packed weights, batch 32')} tokens/s "
               f"(68-token prompts, 256 new tokens)")
         for name in ("rlscratch", "rlscratch + activation checkpointing", "transformers"):
-            print(f"  training step, {name}: {tr['rows'][name]['tokens_per_s']:.1f} tokens/s "
-                  f"({tr['batch']} x {tr['prompt_tokens']} prompt + {tr['completion_tokens']} completion tokens, all counted)")
+            print(f"  training step, {name}: {tr['rows'][name]['tokens_per_s']:.1f} tokens/s, peak memory "
+                  f"{tr['rows'][name]['peak_rss_GB']:.1f} GB ({tr['batch']} x {tr['prompt_tokens']} prompt + "
+                  f"{tr['completion_tokens']} completion tokens, all counted)")
 
 # %% [markdown]
 # ### On a GPU
@@ -2539,18 +2568,20 @@ print("median seconds per step:", {k: round(v, 2) for k, v in times.items()})
 # ## Summary
 #
 # The loop of this chapter is complete and checked: presets, schedule, pre-pass, skipped zero-signal
-# groups, accumulation that equals one big batch, checkpoints that resume bit for bit (the real run
-# was interrupted several times, twice by the out-of-memory killer, and its resumed step 23 reproduced the
-# interrupted one's reward and length exactly), a Hugging Face export, and the same loop under
-# `torchrun`.
+# groups, accumulation that equals one big batch, checkpoints that resume bit for bit (section 11;
+# the real run was interrupted several times and each time continued from its last checkpoint), a
+# Hugging Face export, and the same loop under `torchrun`.
 #
-# The real run on a 2-core CPU answers the book's question only in the negative for now: 32 GRPO
-# steps on 42 training questions (101 minutes) left GSM8K test accuracy where it was (28.0% → 28.0%,
-# n = 200, p = 1.00), so on this budget GRPO did not beat inference-time scaling; neither did
-# self-consistency beat greedy decoding on the 40 questions all methods share. What would change it
-# is scale: many more questions and steps (the GPU settings above), and a larger learning rate (the
-# GSM8K pilot ran $3 \times 10^{-6}$ stably for 6 steps, with 2.5 times the KL to the start). The
-# book's results table on 500 questions is the next measurement.
+# The real run on a 2-core CPU gives no evidence yet that GRPO helps: 32 GRPO steps on 42 training
+# questions (101 minutes) left GSM8K test accuracy where it was (28.0% → 28.0%, n = 200, exact
+# McNemar p = 1.00; no significant difference after any epoch). On the 40 questions all methods
+# share, there is no significant difference between the trained model (20.0%) and greedy chain of
+# thought or self-consistency (25.0% each; p = 0.69 and 0.62), and self-consistency only tied greedy
+# decoding at ten times the tokens. So on this budget GRPO did not beat inference-time scaling, and
+# self-consistency did not beat greedy decoding either. What might change that is scale: many more
+# questions and steps (the GPU settings above), and a larger learning rate (the GSM8K pilot ran
+# $3 \times 10^{-6}$ stably for 6 steps, the last two at the full rate, with 2.5 times the KL to the
+# start). The book's results table on 500 questions is the next measurement.
 #
 # ## Exercises
 #
