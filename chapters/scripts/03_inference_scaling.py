@@ -120,9 +120,12 @@ print(f"model {MODEL}; {len(select)} GSM8K train problems to choose on, {len(tes
 # | `plain_few_shot` | the same 8 exemplars as raw `Q: … A: …` text, no chat template |
 #
 # Two ablations are built in: *boxed instruction or not* (`step_by_step` vs `think`) and *chat
-# template or raw text* (`few_shot` vs `plain_few_shot`). The rule for the choice is fixed before
+# template or raw text* (`few_shot` vs `plain_few_shot`). The rule for the choice was fixed before
 # the run: the highest accuracy on train, and among equal accuracies the template with fewer tokens
-# (the cheaper one).
+# (the cheaper one). Applied to all five templates, that rule picked `chat`, the base prompt itself,
+# which would make the book's "+ chain of thought" row a copy of its base row. So, after seeing the
+# train results (and before any test problem was generated), the choice is made by the same rule
+# among the four templates that *ask for* reasoning or show it; the printout names both winners.
 
 # %%
 ablation = {}
@@ -138,8 +141,13 @@ for template, records in ablation.items():
     s = ablation_summary[template] = summarize(records)
     print(f"{template:16} {s['accuracy']:9.1%} [{s['ci95'][0]:5.1%}, {s['ci95'][1]:5.1%}] {s['mean_tokens']:7.0f} "
           f"{s['extraction_rate']:9.0%} {s['truncated_rate']:9.0%}")
-BEST = max(TEMPLATES, key=lambda t: (ablation_summary[t]["accuracy"], -ablation_summary[t]["mean_tokens"]))
-print(f"\nchosen on train: {BEST}")
+def train_rank(template: str) -> tuple[float, float]:
+    return ablation_summary[template]["accuracy"], -ablation_summary[template]["mean_tokens"]
+
+
+BEST = max((t for t in TEMPLATES if t != "chat"), key=train_rank)  # a chain-of-thought prompt, chosen on train
+print(f"\nbest of all five on train: {max(TEMPLATES, key=train_rank)}; "
+      f"chosen chain-of-thought template (best of the other four): {BEST}")
 
 # %%
 import collections
@@ -588,7 +596,7 @@ print(f"self-consistency temperature, chosen on train: {SC_TEMPERATURE}")
 # %%
 sc_records = self_consistency(model, tokenizer, test, n=SC_N, temperature=SC_TEMPERATURE, template=BEST,
                               max_new_tokens=MAX_NEW_TOKENS, seed=2, model_name=MODEL,
-                              batch_size=BATCH_SIZE)  # the harness batches whole problems: 32 // 20 = one problem's 20 samples
+                              batch_size=2 * SC_N)  # two problems' samples decode together; a finished one's rows go to the next
 sc_seconds = sum(r["seconds"] for r in sc_records)
 ks = sorted({k for k in (1, 5, 10, 20) if k <= SC_N} | {SC_N})
 curve = []
