@@ -76,7 +76,7 @@ SWEEP_N = 2 if SMOKE else 5  # samples per train problem at each temperature
 SC_N = 5 if SMOKE else 20  # samples per test problem for self-consistency
 VOTE_N = min(10, SC_N)  # the concrete self-consistency run of the results table: majority of the first 10
 MAX_NEW_TOKENS = 12 if SMOKE else 512
-BATCH_SIZE = 4 if SMOKE else 32
+BATCH_SIZE = 4 if SMOKE else 64  # rows decoded together (a decode step of 64 rows yields ~10% more tokens/s than 32)
 if SMOKE:
     os.environ["RLSCRATCH_RESULTS"] = tempfile.mkdtemp()
 torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -602,7 +602,7 @@ print(f"self-consistency temperature, chosen on train: {SC_TEMPERATURE}")
 # %%
 sc_records = self_consistency(model, tokenizer, test, n=SC_N, temperature=SC_TEMPERATURE, template=BEST,
                               max_new_tokens=MAX_NEW_TOKENS, seed=2, model_name=MODEL,
-                              batch_size=2 * SC_N)  # two problems' samples decode together; a finished one's rows go to the next
+                              batch_size=BATCH_SIZE)  # 3 problems x 20 samples decode together; a finished one's rows go to the next
 sc_seconds = sum(r["seconds"] for r in sc_records)
 ks = sorted({k for k in (1, 5, 10, 20) if k <= SC_N} | {SC_N})
 curve = []
