@@ -561,16 +561,18 @@ plt.show()
 # a plurality. The useful range is in between, where diversity rises faster than single-sample
 # accuracy falls.
 #
-# In this run: single-sample accuracy is 26.7% at T = 0.3, 24.5% at T = 0.6 and [[N: T=1.0 single]] at
-# T = 1.0, against 27.5% for greedy decoding; maj@5 is 35.5%, 34.0% and [[N: T=1.0 maj@5]], pass@5 46.5%,
-# 47.5% and [[N: T=1.0 pass@5]]. Even at T = 0.3, five samples give 3.3 distinct answers per problem
-# (3.6 at T = 0.6): the model is far less sure of itself than its greedy answers suggest. The share of
-# samples cut off at the token limit grows from 2.0% (greedy) to 2.8%, 4.2% and [[N: T=1.0 cut]]
-# [[V: if it grows at T = 1.0: "so part of what heat costs is samples that never finish, votes lost
-# before the vote"]]. Against greedy decoding on the same problems, the vote of five samples at
-# T = 0.3 solves 23 problems greedy misses and misses 7 it solves (exact McNemar p = 0.005; at T = 0.6:
-# 24 against 11, p = 0.04): on train, voting helps, by about 8 points. Between the temperatures, the
-# differences in maj@5 (a point or two) are far inside the ±6-7 point intervals.
+# In this run: single-sample accuracy is 26.7% at T = 0.3, 24.5% at T = 0.6 and 16.0% at
+# T = 1.0, against 27.5% for greedy decoding; maj@5 is 35.5%, 34.0% and 24.0%, pass@5 46.5%,
+# 47.5% and 42.0%. Even at T = 0.3, five samples give 3.3 distinct answers per problem
+# (3.6 at T = 0.6, 4.1 at T = 1.0): the model is far less sure of itself than its greedy answers
+# suggest. The share of samples cut off at the token limit grows from 2.0% (greedy) to 2.8%, 4.2%
+# and 5.9%, so part of what heat costs is samples that never finish: votes lost before the vote.
+# Against greedy decoding on the same problems, the vote of five samples at T = 0.3 solves 23
+# problems greedy misses and misses 7 it solves (exact McNemar p = 0.005; at T = 0.6: 24 against 11,
+# p = 0.04): on train, voting helps, by about 8 points. At T = 1.0 the vote is no longer better than
+# greedy (15 against 22, p = 0.32): single samples have fallen to 16%, and although pass@5 is
+# still 42%, the right answer rarely holds a plurality. Between T = 0.3 and T = 0.6 the difference
+# in maj@5 (1.5 points) is far inside the ±6-7 point intervals; T = 1.0 is clearly worse.
 #
 # We take the temperature whose maj@5 was best on train, breaking ties by single-sample accuracy.
 
