@@ -4,6 +4,7 @@
 """Inference-time scaling: equivalence-aware majority voting, pass@k, and self-consistency runs."""
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -62,17 +63,27 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
 
 
 def vote_at_k(records: list[dict], k: int, *, subsets: int = 10, seed: int = 0) -> dict:
-    """maj@k and pass@k over runs with n >= k samples per problem.
+    """maj@k and pass@k over runs with n >= k samples per problem, overall and per problem.
 
-    maj@k is averaged over `subsets` random k-subsets of each problem's samples (exact when k = n).
-    """
+    A problem's maj@k is the share of its k-subsets of samples whose majority vote is right. It is exact
+    (every k-subset voted on) when there are at most max(subsets, n) of them: always for k = 1, where
+    maj@1 = pass@1 = the mean single-sample accuracy, and for k = n (one subset: all samples). Otherwise it
+    is the mean over `subsets` random k-subsets (seeded), an unbiased estimate of the exact value.
+    Returns "k", "maj", "pass", "tokens_per_problem", "exact" (no subset was drawn at random) and
+    "maj_by_problem", "pass_by_problem" (one value per record, e.g. for `bootstrap_interval`)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     rng = random.Random(seed)
-    maj, passes, tokens = [], [], []
+    maj, passes, tokens, exact = [], [], [], True
     for r in records:
         n = len(r["extracted"])
         if n < k:
             raise ValueError(f"record {r['id']} has {n} samples, fewer than k={k}")
-        draws = [list(range(n))] if k == n else [rng.sample(range(n), k) for _ in range(subsets)]
+        if math.comb(n, k) <= max(subsets, n):
+            draws = [list(c) for c in itertools.combinations(range(n), k)]
+        else:
+            draws = [rng.sample(range(n), k) for _ in range(subsets)]
+            exact = False
         wins = 0
         for idx in draws:
             vote = majority_vote([r["extracted"][i] for i in idx], logprobs=[r["mean_logprob"][i] for i in idx])
@@ -81,27 +92,54 @@ def vote_at_k(records: list[dict], k: int, *, subsets: int = 10, seed: int = 0) 
         passes.append(pass_at_k(n, sum(r["correct"]), k))
         tokens.append(k * sum(r["tokens"]) / n)
     count = max(1, len(records))
-    return {"k": k, "maj": sum(maj) / count, "pass": sum(passes) / count, "tokens_per_problem": sum(tokens) / count}
+    return {"k": k, "maj": sum(maj) / count, "pass": sum(passes) / count, "tokens_per_problem": sum(tokens) / count,
+            "exact": exact, "maj_by_problem": maj, "pass_by_problem": passes}
+
+
+def vote_details(record: dict, k: int | None = None) -> dict:
+    """The majority vote over a record's first `k` samples (all when None), and how close it was.
+
+    Returns "k", "vote" (as `majority_vote` with the samples' mean log-probs), "correct" (the vote matches
+    the gold answer), "group_sizes" (votes per equivalence group, largest first), "winner_votes",
+    "runner_up_votes" (0 when all answers agree), "correct_votes" (samples that are right: a right answer
+    outvoted has correct_votes > 0 and correct False) and "no_answer" (samples without an answer)."""
+    n = len(record["extracted"])
+    k = n if k is None else k
+    if not 1 <= k <= n:
+        raise ValueError(f"record {record['id']} has {n} samples; cannot vote over the first {k}")
+    answers = record["extracted"][:k]
+    vote = majority_vote(answers, logprobs=record["mean_logprob"][:k])
+    sizes = sorted((len(g) for g in group_answers(answers)), reverse=True)
+    return {"k": k, "vote": vote, "correct": answers_match(vote, record["gold"]), "group_sizes": sizes,
+            "winner_votes": sizes[0] if sizes else 0, "runner_up_votes": sizes[1] if len(sizes) > 1 else 0,
+            "correct_votes": sum(bool(c) for c in record["correct"][:k]),
+            "no_answer": sum(a is None or not str(a).strip() for a in answers)}
 
 
 def sample_diversity(records: list[dict]) -> dict:
-    """Single-sample accuracy, distinct answers and answer entropy per problem, averaged."""
+    """Single-sample accuracy, distinct answers, answer entropy, length and the share of samples cut off by the
+    token limit (finish reason "length"), per problem and averaged."""
     count = max(1, len(records))
     return {
         "single_sample_accuracy": sum(sum(r["correct"]) / len(r["correct"]) for r in records) / count,
         "distinct_answers": sum(len(group_answers(r["extracted"])) for r in records) / count,
         "entropy_bits": sum(answer_entropy(r["extracted"]) for r in records) / count,
         "mean_tokens": sum(sum(r["tokens"]) / len(r["tokens"]) for r in records) / count,
+        "length_rate": sum(sum(f == "length" for f in r["finish"]) / len(r["finish"]) for r in records) / count,
     }
 
 
 def sweep(model, tokenizer, problems, settings_list: Sequence[EvalSettings], **evaluate_kwargs) -> list[dict]:
-    """Evaluate each setting (recorded and resumable) and summarize diversity and maj@n for each."""
+    """Evaluate each setting (recorded and resumable) and summarize it: `sample_diversity`, maj@n and pass@n
+    over all n samples, and bootstrap 95% intervals over problems for single-sample accuracy and maj@n."""
     rows = []
     for settings in settings_list:
         records = evaluate(model, tokenizer, problems, settings, **evaluate_kwargs)
+        votes = vote_at_k(records, settings.n)
+        single = [sum(r["correct"]) / len(r["correct"]) for r in records]
         rows.append({"temperature": settings.temperature, "top_p": settings.top_p, "n": settings.n,
-                     **sample_diversity(records), "maj_at_n": vote_at_k(records, settings.n)["maj"],
+                     **sample_diversity(records), "maj_at_n": votes["maj"], "pass_at_n": votes["pass"],
+                     "single_ci95": bootstrap_interval(single), "maj_ci95": bootstrap_interval(votes["maj_by_problem"]),
                      "seconds": sum(r["seconds"] for r in records)})
     return rows
 
@@ -111,7 +149,7 @@ def self_consistency(model, tokenizer, problems, *, n: int, temperature: float, 
                      **evaluate_kwargs) -> list[dict]:
     """Sample n solutions per problem (one shared prefill each) and majority-vote their answers.
 
-    Returns the harness records with "vote" and "vote_correct" added.
+    Returns the harness records with "vote" and "vote_correct" (the vote over all n samples) added.
     """
     settings = EvalSettings(model=model_name, template=template, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, n=n, seed=seed)

@@ -1,7 +1,10 @@
 import pytest
 
 from rlscratch.generate import generate
-from rlscratch.scaling import answer_entropy, group_answers, majority_vote, pass_at_k, vote_at_k
+import itertools
+
+from rlscratch.scaling import (answer_entropy, group_answers, majority_vote, pass_at_k, sample_diversity, vote_at_k,
+                               vote_details)
 
 
 def test_equivalent_spellings_are_one_vote():
@@ -42,9 +45,67 @@ def test_vote_at_k():
               "mean_logprob": [-0.1] * 5, "tokens": [10] * 5}
     full = vote_at_k([record], 5)
     assert full["maj"] == 0.0 and full["pass"] == 1.0 and full["tokens_per_problem"] == 50
-    assert vote_at_k([record], 1)["maj"] == pytest.approx(0.4, abs=0.31)  # a 10-subset estimate of 2/5
+    one = vote_at_k([record], 1)
+    assert one["exact"] and one["maj"] == one["pass"] == pytest.approx(0.4)  # maj@1 = pass@1, no random subset
+    assert full["exact"] and full["maj_by_problem"] == [0.0] and full["pass_by_problem"] == [1.0]
     with pytest.raises(ValueError):
         vote_at_k([record], 6)
+    with pytest.raises(ValueError):
+        vote_at_k([record], 0)
+
+
+def _brute_force_maj(record, k):
+    """maj@k of one record over every k-subset of its samples."""
+    votes = [majority_vote([record["extracted"][i] for i in c], logprobs=[record["mean_logprob"][i] for i in c])
+             for c in itertools.combinations(range(len(record["extracted"])), k)]
+    return sum(v == record["gold"] for v in votes) / len(votes)
+
+
+def test_vote_at_k_exact_and_sampled():
+    answers = ["4", "5", "4", None, "5", "4", "6", "5", "4", "7"]  # 10 samples: 4 right, 3 of "5"
+    record = {"id": "p", "gold": "4", "extracted": answers, "correct": [a == "4" for a in answers],
+              "mean_logprob": [-0.1 * (i % 4) for i in range(10)], "tokens": list(range(10, 20))}
+    other = {**record, "id": "q", "extracted": ["9"] * 10, "correct": [False] * 10}
+    for k in (1, 9, 10):  # at most max(subsets, n) = 10 subsets: every one is voted on
+        result = vote_at_k([record, other], k)
+        assert result["exact"] and result["maj_by_problem"] == pytest.approx([_brute_force_maj(record, k), 0.0])
+        assert result["maj"] == pytest.approx(_brute_force_maj(record, k) / 2)
+    assert vote_at_k([record], 1)["maj"] == pytest.approx(0.4)
+    # 252 subsets of 5: 200 random ones, an unbiased estimate, near the exact value (sd < 0.04)
+    exact5 = _brute_force_maj(record, 5)
+    sampled = vote_at_k([record], 5, subsets=200, seed=1)
+    assert not sampled["exact"] and abs(sampled["maj"] - exact5) < 0.12
+    assert sampled == vote_at_k([record], 5, subsets=200, seed=1)  # seeded
+    assert vote_at_k([record], 5, subsets=252)["maj"] == pytest.approx(exact5)  # all 252: exact
+    assert vote_at_k([record], 5)["tokens_per_problem"] == pytest.approx(5 * 14.5)
+
+
+def test_vote_details_margins_and_first_k():
+    record = {"id": "p", "gold": "4", "extracted": ["5", "4", "4", "5", "5", None, "4", "x"],
+              "correct": [False, True, True, False, False, False, True, False],
+              "mean_logprob": [-0.5, -0.1, -0.2, -0.5, -0.5, -2.0, -0.3, -1.0], "tokens": [10] * 8}
+    full = vote_details(record)
+    assert full["k"] == 8
+    assert full["group_sizes"] == [3, 3, 1] and full["winner_votes"] == 3 and full["runner_up_votes"] == 3
+    assert full["vote"] == "4" and full["correct"]  # a 3-3 tie: "4" (mean -0.2) is more confident than "5" (-0.5)
+    assert full["correct_votes"] == 3 and full["no_answer"] == 1
+    first5 = vote_details(record, 5)  # "5" x3 against "4" x2: the right answer is present but outvoted
+    assert (first5["vote"], first5["correct"], first5["correct_votes"], first5["group_sizes"]) == ("5", False, 2, [3, 2])
+    assert vote_details(record, 1)["runner_up_votes"] == 0
+    with pytest.raises(ValueError):
+        vote_details(record, 9)
+    with pytest.raises(ValueError):
+        vote_details(record, 0)
+
+
+def test_sample_diversity_counts_length_cutoffs():
+    records = [{"extracted": ["1", "2", None, "1"], "correct": [True, False, False, True], "tokens": [5, 5, 512, 6],
+                "finish": ["stop", "stop", "length", "stop"]},
+               {"extracted": ["3", "3"], "correct": [False, False], "tokens": [7, 9], "finish": ["length", "length"]}]
+    d = sample_diversity(records)
+    assert d["length_rate"] == pytest.approx((1 / 4 + 2 / 2) / 2)
+    assert d["single_sample_accuracy"] == pytest.approx((2 / 4 + 0) / 2)
+    assert d["distinct_answers"] == pytest.approx((2 + 1) / 2)
 
 
 def test_sampling_reproducible_under_seed(tiny_model, tokenizer):
