@@ -76,7 +76,8 @@ SWEEP_N = 2 if SMOKE else 5  # samples per train problem at each temperature
 SC_N = 5 if SMOKE else 20  # samples per test problem for self-consistency
 VOTE_N = min(10, SC_N)  # the concrete self-consistency run of the results table: majority of the first 10
 MAX_NEW_TOKENS = 12 if SMOKE else 512
-BATCH_SIZE = 4 if SMOKE else 64  # rows decoded together (the greedy runs of section 1 used 32)
+BATCH_SIZE = 4 if SMOKE else 64  # rows decoded together (our recorded greedy runs of section 1 used 32: same answers
+# in float32; in bf16 a different batch can flip a near-tie between two tokens, chapter 1 section 4.2)
 if SMOKE:
     os.environ["RLSCRATCH_RESULTS"] = tempfile.mkdtemp()
 torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -135,7 +136,7 @@ for template in TEMPLATES:
 assert all(len(r["responses"]) == 1 and r["id"].startswith("gsm8k-train-") for recs in ablation.values() for r in recs)
 
 print(f"GSM8K train, first {len(select)} problems, greedy")
-print(f"{'template':16} {'accuracy':>9} {'95% CI':>15} {'tokens':>7} {'extracted':>9} {'truncated':>9}")
+print(f"{'template':16} {'accuracy':>9} {'95% CI':>15} {'tokens':>7} {'extracted':>9} {'cut off':>9}")
 ablation_summary = {}
 for template, records in ablation.items():
     s = ablation_summary[template] = summarize(records)
@@ -179,10 +180,10 @@ for template, records in ablation.items():
 # was made by accuracy alone.
 
 # %%
-for t in TEMPLATES[1:]:
-    c = compare_paired([r["correct"][0] for r in ablation[t]], [r["correct"][0] for r in ablation["chat"]])
-    print(f"{t:16} vs chat: solves {c['wins']:3d} that chat misses, misses {c['losses']:3d} that chat solves, "
-          f"exact McNemar p = {c['p_value']:.3f}")
+for t, other in [(t, "chat") for t in TEMPLATES[1:]] + [("few_shot", "plain_few_shot")]:
+    c = compare_paired([r["correct"][0] for r in ablation[t]], [r["correct"][0] for r in ablation[other]])
+    print(f"{t:16} vs {other}: solves {c['wins']:3d} that {other} misses, misses {c['losses']:3d} that {other} "
+          f"solves, exact McNemar p = {c['p_value']:.3f}")
 
 # %% [markdown]
 # What the train run shows:
@@ -190,8 +191,8 @@ for t in TEMPLATES[1:]:
 # * **The chosen template**, `step_by_step`, solves 27.5% of the 200 train problems (294 tokens per
 #   answer) against 28.0% for `chat` (282 tokens): 11 problems it solves that `chat` misses, 12 the
 #   other way round, exact McNemar p = 1.00. Asking for step-by-step reasoning and a boxed answer
-#   changes nothing measurable on train. Even unasked, 99% of `chat`'s train answers put their result
-#   in `\boxed{}`: the model was tuned on answers of that form.
+#   changes nothing measurable on train. Even unasked, 197 of `chat`'s 200 train answers (98.5%) put
+#   their result in `\boxed{}`: the model was tuned on answers of that form.
 # * **"Let's think step by step"** (`think`, 26.5% on train) changes little either: 12 problems gained
 #   and 15 lost against `chat`, p = 0.70. The instruction-tuned model already reasons step by step
 #   when simply asked the question.
@@ -266,7 +267,8 @@ print(f"gain over chat: {ablation_summary[BEST]['accuracy'] - ablation_summary['
 # the problems drawn.
 #
 # The rest of the chapter samples with the chosen template.
-#
+
+# %% [markdown]
 # ## 2. Temperature
 #
 # Greedy decoding gives one answer per problem. To vote we need *different* answers, which means
@@ -282,9 +284,9 @@ print(f"gain over chat: {ablation_summary[BEST]['accuracy'] - ablation_summary['
 #   (finish reason "length"). Chapter 2's rule gives a cut-off response no answer unless it already
 #   stated one, so every such sample is a lost vote, and hot sampling tends to ramble.
 #
-# Cost: 3 temperatures × 200 problems × 5 samples = 3,000 responses of about 290 tokens, at about 190
-# generated tokens/s on this 2-core CPU about 75 minutes. That is why the sweep has three
-# temperatures and no top-p rows: each extra setting costs another 25 minutes. (On a GPU, a top-p
+# Cost: 3 temperatures × 200 problems × 5 samples = 3,000 responses of about 290 tokens; here they
+# took 102.5 minutes, about 34 minutes per temperature (the table below prints the total). That is why
+# the sweep has three temperatures and no top-p rows: each extra setting costs another half hour. (On a GPU, a top-p
 # row is one more entry in the list below, e.g. `temperature=1.0, top_p=0.9`.)
 #
 # These measures, and the vote itself, live in `rlscratch.scaling`.
@@ -556,23 +558,25 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The general picture: at low temperature the samples barely differ, so voting cannot fix
-# anything; at high temperature single samples get worse, until the right answer no longer holds
+# The general picture: at very low temperature the samples barely differ, so voting cannot fix
+# anything (not the case for this model: even T = 0.3 scatters widely, as the table shows); at high temperature single samples get worse, until the right answer no longer holds
 # a plurality. The useful range is in between, where diversity rises faster than single-sample
 # accuracy falls.
 #
 # In this run: single-sample accuracy is 26.7% at T = 0.3, 24.5% at T = 0.6 and 16.0% at
 # T = 1.0, against 27.5% for greedy decoding; maj@5 is 35.5%, 34.0% and 24.0%, pass@5 46.5%,
 # 47.5% and 42.0%. Even at T = 0.3, five samples give 3.3 distinct answers per problem
-# (3.6 at T = 0.6, 4.1 at T = 1.0): the model is far less sure of itself than its greedy answers
+# (3.65 at T = 0.6, 4.11 at T = 1.0): the model is far less sure of itself than its greedy answers
 # suggest. The share of samples cut off at the token limit grows from 2.0% (greedy) to 2.8%, 4.2%
 # and 5.9%, so part of what heat costs is samples that never finish: votes lost before the vote.
 # Against greedy decoding on the same problems, the vote of five samples at T = 0.3 solves 23
 # problems greedy misses and misses 7 it solves (exact McNemar p = 0.005; at T = 0.6: 24 against 11,
 # p = 0.04): on train, voting helps, by about 8 points. At T = 1.0 the vote is no longer better than
 # greedy (15 against 22, p = 0.32): single samples have fallen to 16%, and although pass@5 is
-# still 42%, the right answer rarely holds a plurality. Between T = 0.3 and T = 0.6 the difference
-# in maj@5 (1.5 points) is far inside the ±6-7 point intervals; T = 1.0 is clearly worse.
+# still 42%, the right answer wins the vote on only about half of the problems where it appears (24.0%
+# against 42.0%). Between T = 0.3 and T = 0.6 the difference in maj@5 (1.5 points) is far inside the ±6-7
+# point intervals. At T = 1.0, single samples are clearly worse (their interval does not overlap those
+# of T = 0.3 and 0.6) and maj@5 is 11.5 points below T = 0.3's.
 #
 # We take the temperature whose maj@5 was best on train, breaking ties by single-sample accuracy.
 
@@ -655,14 +659,18 @@ plt.show()
 # %% [markdown]
 # maj@N goes from 25.9% [21.5%, 30.4%] at N = 1 to 32.9% [27.4%, 38.5%] at N = 5, 32.5% [26.5%, 38.1%]
 # at N = 10 and 34.0% [27.5%, 40.5%] at N = 20, against 28.5% [22.7%, 35.1%] for greedy decoding with the
-# same prompt, at 1/20 of the tokens. A single sample at T = 0.3 (maj@1) is 2.6 points *below* greedy:
-# sampling first costs accuracy, and voting has to win that back before it gains anything. Nearly
-# all of what voting buys comes with the first five samples; from N = 5 to N = 20 the curve moves by
-# about a point while the tokens grow fourfold. Every maj@N interval overlaps greedy's.
+# same prompt, at 1/20 of the tokens of N = 20. A single sample at T = 0.3 (maj@1) is 2.6 points below
+# greedy, well inside both intervals: sampling may cost a little accuracy per answer, which voting
+# first has to win back. In this run the curve rises from N = 1 to N = 5 and then stays within about
+# a point up to N = 20, while the tokens grow fourfold (no test separates N = 5 from N = 20). Every
+# maj@N interval overlaps greedy's. (maj@5 and maj@10 here average the votes of 10 random subsets
+# per problem; section 3.2 uses one concrete vote, the first 10 samples, which gives 32.0% instead of
+# 32.5%.)
 #
 # The oracle is the other story: with 20 samples the right answer is among them for 63.0% of the
-# problems, nearly twice what the vote achieves (34.0%). The knowledge is in
-# the model's distribution; it is just not always its most likely answer. Closing that gap needs a
+# problems, nearly twice what the vote achieves (34.0%). Part of that gap is knowledge the vote fails
+# to select: the right answer is sampled, just not most often. Part is scatter: 20 samples spread over
+# many answers (section 3.1's example has 12) sometimes hit the right one by chance. Closing the gap needs a
 # better *selector* than counting (a verifier or a reward model), or a better *generator* that puts
 # more mass on correct solutions, which is what reinforcement learning with a verifiable reward will
 # train for.
@@ -770,7 +778,7 @@ print(f"on the {len(disagree)} problems where vote and greedy disagree, the winn
 # of thought: it solves 11 problems that greedy misses and misses 4 that greedy solves (32.0% against
 # 28.5%, exact McNemar p = 0.12). On train, the vote of five samples at the same temperature did beat
 # greedy (23 against 7, p = 0.005, about 8 points); on test the direction is the same but the gain is
-# smaller, 3.5 points, and 200 problems cannot tell it from chance. Some of the difference between the
+# smaller (3.5 points for this vote of 10; maj@5 on test is 32.9%, 4.4 points), and 200 problems cannot tell it from chance. Some of the difference between the
 # two splits is chance (each interval spans about ±6 points), and some may be selection: T = 0.3 was
 # chosen for its maj@5 on those very train problems.
 #
@@ -779,8 +787,8 @@ print(f"on the {len(disagree)} problems where vote and greedy disagree, the winn
 # 10 votes on average against the winner's 3.6: a small minority that counting will not promote. The
 # vote is right on 64 problems, usually with a clear majority (a mean winning share of 0.68). And
 # where the vote and greedy decoding disagree, the winning share is only 0.39 on average (0.45 over all
-# problems): the gains and the losses both come from split votes among small groups, close to a coin
-# flip. This model's samples scatter over many answers (3.3 distinct answers in five samples on
+# problems): the gains and the losses tend to come from split votes among small groups, close to a
+# coin flip. This model's samples scatter over many answers (3.3 distinct answers in five samples on
 # train), so the winner of a vote over 10 holds, on average, fewer than half of the votes (0.45).
 #
 # ## 4. Results so far
@@ -797,15 +805,24 @@ import json
 from rlscratch.evaluate import wilson_interval
 from rlscratch.results import results_dir
 
+def results_rows(n: int) -> dict:
+    """The three rows on the first n test problems, each after the first compared with the row above."""
+    base_correct = [r["correct"][0] for r in test_runs["chat"][:n]]
+    wins = sum(vote_correct[:n])
+    return {
+        "base": {**summarize(test_runs["chat"][:n]), "template": "chat"},
+        "+ chain of thought": {**summarize(test_runs[BEST][:n]), "template": BEST,
+                               "vs_previous_row": compare_paired(greedy_correct[:n], base_correct)},
+        f"+ self-consistency (N={VOTE_N})": {
+            "n": n, "accuracy": wins / n, "ci95": list(wilson_interval(wins, n)), "template": BEST,
+            "mean_tokens": sum(sum(r["tokens"][:VOTE_N]) for r in sc_records[:n]) / n, "temperature": SC_TEMPERATURE,
+            "vs_previous_row": compare_paired(vote_correct[:n], greedy_correct[:n])},
+    }
+
+
 n_test = len(test)
-wins = sum(vote_correct)
-rows = {
-    "base": {**base_test, "template": "chat"},
-    "+ chain of thought": {**cot_test, "template": BEST, "vs_previous_row": cot_vs_base},
-    f"+ self-consistency (N={VOTE_N})": {"n": n_test, "accuracy": wins / n_test, "ci95": list(wilson_interval(wins, n_test)),
-                                         "mean_tokens": sc_row_tokens, "template": BEST, "temperature": SC_TEMPERATURE,
-                                         "vs_previous_row": sc_vs_greedy},
-}
+rows = results_rows(n_test)
+assert rows["+ chain of thought"]["vs_previous_row"] == cot_vs_base and rows["base"]["accuracy"] == base_test["accuracy"]
 print(f"GSM8K test, first {n_test} problems")
 print(f"{'method':30} {'accuracy':>9} {'95% CI':>16} {'tokens/problem':>15}  paired with the row above")
 for name, s in rows.items():
@@ -825,7 +842,9 @@ if not SMOKE:
     table_path = results_dir() / "results_table.json"
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
     keep = ("n", "accuracy", "ci95", "mean_tokens", "template", "temperature", "vs_previous_row")
-    table["chapter03_gsm8k_first_%d" % n_test] = {name: {k: s[k] for k in keep if k in s} for name, s in rows.items()}
+    # the same rows on the first 40 problems too: chapter 4 compares its refinement with them there
+    for n, table_rows in ((n_test, rows), (40, results_rows(40))):
+        table[f"chapter03_gsm8k_first_{n}"] = {name: {k: s[k] for k in keep if k in s} for name, s in table_rows.items()}
     table_path.write_text(json.dumps(table, indent=1))
 
 # %% [markdown]
@@ -862,9 +881,11 @@ for _ in range(1000):
 print("the rule's winner:", {t: f"{winners[t] / 10:.1f}%" for t in reasoning})
 print(f"chat best of all five: {chat_first / 10:.1f}%")
 # A template that wins most resamples was a stable choice; if two share the wins, the choice between them
-# was a coin flip, and it matters little which one we took: their test accuracies will differ by little
-# too. That is exactly why the test comparison of section 1.3 is needed and the train ranking is not
-# reported as a result.
+# was a coin flip. In our run `step_by_step` won about 63% of the resamples and `think` about 37%: close
+# to a coin flip, and it matters little which one we took, since their train accuracies differ by one
+# point. `chat` would have been best of all five in about half of the resamples, which is why the rule
+# had to say what to do when the base prompt wins (section 1.1). That is exactly why the test
+# comparison of section 1.3 is needed and the train ranking is not reported as a result.
 
 # %% [markdown]
 # **2. Weighted votes.** Instead of one vote per sample, give each sample the weight
@@ -886,8 +907,10 @@ c = compare_paired(weighted_correct, vote_correct)
 print(f"weighted {sum(weighted_correct) / len(weighted_correct):.1%} vs count {sum(vote_correct) / len(vote_correct):.1%}: "
       f"+{c['wins']} -{c['losses']}, p = {c['p_value']:.3f}")
 # Only votes whose groups are close in size can change: a group of 7 samples outweighs one of 3 unless
-# the 3 are far more confident. Where the two rules differ, the paired counts say whether confidence
-# helped; a p-value far above 0.05 means the weighting made no difference that 200 problems can see.
+# the 3 are far more confident. In our run the two rules give the same verdict on every problem: the samples'
+# mean log-probabilities vary little (from -0.08 to -0.20 in section 3.1's example), so their weights
+# differ by little (0.82 to 0.92) and weighting is nearly counting. A weight that separates samples more (chapter 4's confidence scores) could
+# change votes; whether it helps is the paired test's question.
 
 # %% [markdown]
 # **3. Agreement as confidence.** A vote that is nearly unanimous may deserve more trust than a split one.
@@ -916,7 +939,7 @@ tied = [i for i, v in enumerate(first_votes) if v["runner_up_votes"] and v["runn
 first_seen = [answers_match(majority_vote(r["extracted"][:VOTE_N]), r["gold"]) for r in sc_records]
 print(f"{len(tied)} ties in {len(first_votes)} votes; accuracy with the log-prob tie-break "
       f"{sum(vote_correct) / len(vote_correct):.1%}, with first-seen {sum(first_seen) / len(first_seen):.1%}; "
-      f"votes that differ: {sum(a != b for a, b in zip(vote_correct, first_seen))}")
+      f"problems whose verdict differs between the two rules: {sum(a != b for a, b in zip(vote_correct, first_seen))}")
 # Only tied votes can differ between the two rules, so the accuracies differ by at most the number of
 # ties divided by the number of problems. The tie-break must be deterministic (a rerun gives the same
 # vote); how much it moves accuracy is bounded by how often votes tie.
@@ -931,7 +954,7 @@ print(f"{len(tied)} ties in {len(first_votes)} votes; accuracy with the log-prob
 # chapter 2.
 #
 # The method matters as much as the numbers: every choice (prompt, temperature) was made on train
-# problems, every claim on test problems comes with a paired test, and a difference that the test
+# problems, every comparison of methods on test problems comes with a paired test, and a difference that the test
 # cannot tell from chance is reported as none. For this model, on 200 test problems, neither the
 # reasoning prompt (+2.0 points, p = 0.50) nor a vote over 10 samples (+3.5 points over greedy chain of
 # thought, p = 0.12) is a significant gain, although on train the vote over five samples was (p = 0.005).

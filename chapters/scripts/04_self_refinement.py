@@ -1193,8 +1193,8 @@ print(f"\nthis execution of the notebook took {(time.perf_counter() - chapter_st
 
 # %% [markdown]
 # The row: 27.5% (95% CI 16.1%-42.8%) for 1,045 generated tokens per problem plus 1,441 prompt
-# tokens re-read, against 27.5% for chain of thought (293 tokens) and 27.3% for self-consistency with
-# $N = 10$ (2,994 tokens). Refinement generated $K + 1 = 3$ answers per problem, and the refined ones
+# tokens re-read, against 27.5% for chain of thought (293 tokens) and 25.0% for self-consistency with
+# $N = 10$ (the majority of its first 10 samples, 2,969 tokens). Refinement generated $K + 1 = 3$ answers per problem, and the refined ones
 # are longer (about 375 tokens, section 3), so it cost about 3.6 times chain of thought's tokens
 # (1,045 / 293), plus the re-read prompts. The sharper test is the paired one against its own round
 # 0: 0 gained, 0 lost, exact McNemar p = 1.00 on 40 problems. No significant difference; in fact the
