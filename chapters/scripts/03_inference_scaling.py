@@ -159,13 +159,20 @@ fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
 acc = [ablation_summary[t]["accuracy"] for t in TEMPLATES]
 err = [[a - ablation_summary[t]["ci95"][0] for t, a in zip(TEMPLATES, acc)],
        [ablation_summary[t]["ci95"][1] - a for t, a in zip(TEMPLATES, acc)]]
+from matplotlib.patches import Patch
+
 axes[0].bar(TEMPLATES, acc, yerr=err, capsize=4, color=["C1" if t == BEST else "C0" for t in TEMPLATES])
-axes[0].set(title=f"GSM8K train, n={len(select)}, greedy (chosen: {BEST})", ylabel="accuracy (95% Wilson interval)",
-            ylim=(0, 1))
+axes[0].set(title=f"GSM8K train, n={len(select)}, greedy", ylabel="accuracy (95% Wilson interval)", ylim=(0, 0.5))
+axes[0].legend(handles=[Patch(color="C1", label=f"chosen: {BEST}"), Patch(color="C0", label="other templates")],
+               fontsize=8)
+axes[0].tick_params(axis="x", labelsize=8)
 axes[1].scatter([ablation_summary[t]["mean_tokens"] for t in TEMPLATES], acc)
-for t, a in zip(TEMPLATES, acc):
-    axes[1].annotate(t, (ablation_summary[t]["mean_tokens"], a), fontsize=9)
-axes[1].set(title="accuracy vs response length", xlabel="mean generated tokens", ylabel="accuracy")
+for i, (t, a) in enumerate(zip(TEMPLATES, acc)):  # labels staggered: some templates sit close together
+    x = ablation_summary[t]["mean_tokens"]
+    right = x < sum(ablation_summary[u]["mean_tokens"] for u in TEMPLATES) / len(TEMPLATES)  # short answers: label right
+    axes[1].annotate(t, (x, a), xytext=(15 if right else -75, 12 - 14 * (i % 3)), textcoords="offset points",
+                     fontsize=8, arrowprops=dict(arrowstyle="-", lw=0.5))
+axes[1].set(title="accuracy vs response length", xlabel="mean generated tokens", ylabel="accuracy", ylim=(0, 0.5))
 plt.tight_layout()
 plt.show()
 for template, records in ablation.items():
@@ -545,15 +552,17 @@ axes[0].errorbar(T, maj, yerr=with_errors(maj, [r["maj_ci95"] for r in sweep_row
 axes[0].plot(T, [r["pass_at_n"] for r in sweep_rows], "^--", label=f"any of {SWEEP_N} right (pass@{SWEEP_N})")
 axes[0].scatter([0.0], [greedy_select["accuracy"]], color="k", zorder=3, label="greedy")
 axes[0].set(xlabel="temperature (0 = greedy)", ylabel="accuracy (95% bootstrap interval)",
-            title=f"accuracy vs temperature (train, n={len(select)})", ylim=(0, 1))
+            title=f"accuracy vs temperature (train, n={len(select)})", ylim=(0, 0.6))
 axes[0].legend(fontsize=8)
-axes[1].plot([0.0] + T, [1.0] + [r["distinct_answers"] for r in sweep_rows], "o-", color="C2", label="distinct answers")
-axes[1].plot([0.0] + T, [0.0] + [r["entropy_bits"] for r in sweep_rows], "o-", color="C3", label="answer entropy (bits)")
+axes[1].plot(T, [r["distinct_answers"] for r in sweep_rows], "o-", color="C2", label="distinct answers")
+axes[1].plot(T, [r["entropy_bits"] for r in sweep_rows], "o-", color="C3", label="answer entropy (bits)")
+axes[1].scatter([0.0, 0.0], [1.0, 0.0], color="k", marker="D", zorder=3, label="greedy (one answer)")
 axes[1].set(xlabel="temperature", ylabel=f"per problem, over {SWEEP_N} samples", title="diversity of the sampled answers")
 axes[1].legend(fontsize=8)
-axes[2].bar([str(t) for t in [0.0] + T], [greedy_select["truncated_rate"]] + [r["length_rate"] for r in sweep_rows],
-            color="C4")
-axes[2].set(xlabel="temperature", ylabel="share of samples", title=f"cut off at {MAX_NEW_TOKENS} tokens")
+cut = [greedy_select["truncated_rate"]] + [r["length_rate"] for r in sweep_rows]
+bars = axes[2].bar(["greedy"] + [str(t) for t in T], [100 * c for c in cut], color="C4")
+axes[2].bar_label(bars, fmt="%.1f%%", fontsize=8)
+axes[2].set(xlabel="temperature", ylabel="share of samples (%)", title=f"cut off at {MAX_NEW_TOKENS} tokens")
 plt.tight_layout()
 plt.show()
 
@@ -644,14 +653,16 @@ x = [c["tokens_per_problem"] for c in curve]
 ax.errorbar(x, [c["maj"] for c in curve], yerr=with_errors([c["maj"] for c in curve], [c["ci95"] for c in curve]),
             fmt="o-", capsize=3, label="self-consistency (maj@N, 95% bootstrap)")
 ax.plot(x, [c["pass"] for c in curve], "s--", label="oracle (pass@N)")
-ax.errorbar([cot_test["mean_tokens"]], [cot_test["accuracy"]],
-            yerr=[[cot_test["accuracy"] - cot_test["ci95"][0]], [cot_test["ci95"][1] - cot_test["accuracy"]]],
-            fmt="o", color="k", capsize=3, label=f"greedy {BEST} (95% Wilson)")
+# greedy decoding as a line with its interval as a band: its point would sit on top of N = 1 (both ~290 tokens)
+ax.axhline(cot_test["accuracy"], color="k", lw=1, ls=":", label=f"greedy {BEST}, {cot_test['mean_tokens']:.0f} tokens")
+ax.axhspan(*cot_test["ci95"], color="k", alpha=0.08, label="greedy's 95% Wilson interval")
 for c in curve:
     ax.annotate(f"N={c['k']}", (c["tokens_per_problem"], c["maj"]), textcoords="offset points", xytext=(4, -12), fontsize=8)
 ax.set_xscale("log")
+ax.set_xticks(x, [f"{v:,.0f}" for v in x])
+ax.minorticks_off()
 ax.set(xlabel="generated tokens per problem (log scale)", ylabel="accuracy",
-       title=f"GSM8K test, n={len(test)}, T={SC_TEMPERATURE}", ylim=(0, 1))
+       title=f"GSM8K test, n={len(test)}, T={SC_TEMPERATURE}", ylim=(0, 0.8))
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
