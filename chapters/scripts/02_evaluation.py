@@ -2219,8 +2219,8 @@ assert all(parse_math(p.answer) is not None for p in gsm8k)
 # score. All templates live in one place, `rlscratch.prompts`, so that every experiment names the
 # one it used:
 #
-# * `plain` — the bare question as raw text, no chat template (the instruct model usually answers
-#   with an immediate end-of-turn: it has only learned to reply inside its chat format);
+# * `plain` — the bare question as raw text, no chat template (never used for evaluation: the instruct
+#   model was tuned to reply inside its chat format; section 7 shows what it does without one);
 # * `chat` — the question as the user turn of the chat template: our **baseline**, "no reasoning
 #   prompt";
 # * `step_by_step` — the chat template plus an instruction to reason step by step and put the final
@@ -2699,6 +2699,27 @@ assert len(log.read_text().splitlines()) == 2  # the good record, and the damage
 print("resume check passed:", [r["extracted"] for r in second])
 
 # %% [markdown]
+# Section 6 said we never evaluate the `plain` template: the instruct model was tuned on conversations
+# in its chat format, and raw text is not one. What does it do with the bare question? The first eight
+# GSM8K test problems as `plain` prompts, greedy, through the harness (so the run is recorded and graded
+# like every other).
+
+# %%
+plain_run = evaluate(model, tokenizer, gsm8k[:8], EvalSettings(model=MODEL, template="plain", max_new_tokens=MAX_NEW_TOKENS),
+                     batch_size=8, progress=False)
+for r in plain_run:
+    print(f"{r['id']:14} {r['tokens'][0]:4d} tokens, finish {r['finish'][0]:6}, answer {str(r['extracted'][0])[:12]:>12} "
+          f"({'right' if r['correct'][0] else 'wrong'}, rule {r['rules'][0]})")
+print(f"\nthe first response, from its start:\n{plain_run[0]['responses'][0][:600]}")
+
+# %% [markdown]
+# Without its chat format the model still answers: seven of the eight responses end on their own,
+# each with a boxed number, and one runs into the 512-token limit. But it answers in the manner of its
+# code training: six of the eight responses contain a Python program (the first, above, plans one
+# before any arithmetic), and only one of the eight is right. Eight problems are far too few to compare it with the chat template; the point is only
+# that raw text gives a different kind of reply, which is why the book always goes through the chat
+# template.
+#
 # ## 8. The baseline
 #
 # Greedy decoding, the `chat` template, no reasoning instruction: the model as it comes. We
