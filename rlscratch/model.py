@@ -187,21 +187,36 @@ class Qwen2Model(nn.Module):
         cache=None,
         last_only: bool = False,
         return_hidden: bool = False,
+        *,
+        positions: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or with `return_hidden` the final normalized hidden states (B, T, hidden)
-        from which `lm_head` computes them (so callers can apply the 152k-wide head in chunks)."""
+        from which `lm_head` computes them (so callers can apply the 152k-wide head in chunks).
+
+        Without a cache, `positions` (B, T) and `visible` (B, T, T) bool (query t may attend to key s)
+        can replace the causal layout derived from `attention_mask`: chapter 6 packs several answers
+        after their shared prompt in one row, each answer seeing the prompt and itself."""
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        new_valid = attention_mask.bool()
-        past = 0 if cache is None else cache.length
-        first_position = 0 if cache is None else cache.seen[:, None]
-        positions = (first_position + new_valid.long().cumsum(1) - 1).clamp(min=0)
-        key_valid = new_valid if cache is None else torch.cat([cache.mask[:, :past], new_valid], 1)
-        query_index = past + torch.arange(T, device=input_ids.device)[:, None]  # (T, 1)
-        key_index = torch.arange(past + T, device=input_ids.device)[None, :]  # (1, S)
-        mask = (key_valid[:, None, :] & (key_index <= query_index)) | (key_index == query_index)
-        mask = mask[:, None]  # (B, 1, T, S)
+        if (positions is None) != (visible is None) or (visible is not None and cache is not None):
+            raise ValueError("positions and visible go together, and without a cache")
+        if visible is not None:
+            if positions.shape != (B, T) or visible.shape != (B, T, T):
+                raise ValueError(f"positions must be (B, T) and visible (B, T, T) for input_ids {tuple(input_ids.shape)}")
+            diagonal = torch.eye(T, dtype=torch.bool, device=input_ids.device)
+            mask = (visible.bool() | diagonal)[:, None]  # every query sees at least itself (padding included)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            new_valid = attention_mask.bool()
+            past = 0 if cache is None else cache.length
+            first_position = 0 if cache is None else cache.seen[:, None]
+            positions = (first_position + new_valid.long().cumsum(1) - 1).clamp(min=0)
+            key_valid = new_valid if cache is None else torch.cat([cache.mask[:, :past], new_valid], 1)
+            query_index = past + torch.arange(T, device=input_ids.device)[:, None]  # (T, 1)
+            key_index = torch.arange(past + T, device=input_ids.device)[None, :]  # (1, S)
+            mask = (key_valid[:, None, :] & (key_index <= query_index)) | (key_index == query_index)
+            mask = mask[:, None]  # (B, 1, T, S)
 
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)

@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 from rlscratch.data import DataError, Problem, load_gsm8k
 from rlscratch.evaluate import EvalSettings, evaluate, summarize
 from rlscratch.generate import Completion, derive_seed, generate, pack_for_cpu, release_packed_weights
-from rlscratch.grpo import (ADVANTAGE_SCALES, AGGREGATIONS, KL_ESTIMATORS, completion_batch, group_advantages,
-                            grpo_loss, loss_normalizer, sequence_logprobs)
+from rlscratch.grpo import (ADVANTAGE_SCALES, AGGREGATIONS, KL_ESTIMATORS, group_advantages, grpo_loss,
+                            head_logprobs, loss_normalizer)
 from rlscratch.model import (OFFLINE_MODEL, Qwen2Model, cache_dir, hf_reference, hf_state_dict, load_model,
                              resolve_dtype)
 from rlscratch.prompts import TEMPLATES, format_prompt, stop_strings
@@ -522,11 +522,18 @@ def batch_normalizer(rollouts: list[Rollout], cfg: TrainConfig) -> float:
 
 @dataclasses.dataclass
 class MicroBatch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
-    sampler_logprobs: torch.Tensor
-    advantages: torch.Tensor
+    """Answers packed for one forward pass. Each row holds a prompt once, then the answers that continue
+    it, one after another, then padding: `visible` lets each answer token see the prompt and its own
+    answer's earlier tokens, and `positions` are those the token had when it was sampled. Log-probs
+    come out per answer, (A, C): answer a's tokens in row a, left-aligned, `completion_mask` 1 on them."""
+    input_ids: torch.Tensor  # (R, L)
+    positions: torch.Tensor  # (R, L)
+    visible: torch.Tensor  # (R, L, L) bool: query t may attend to key s
+    predictors: torch.Tensor  # (N,) index into the flattened (R * L) states: the state before each answer token
+    targets: torch.Tensor  # (N,) the answer tokens, answer after answer
+    completion_mask: torch.Tensor  # (A, C)
+    sampler_logprobs: torch.Tensor  # (A, C)
+    advantages: torch.Tensor  # (A,)
     ref_logp: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
 
@@ -536,29 +543,71 @@ def trained_rollouts(rollouts: list[Rollout], cfg: TrainConfig) -> list[Rollout]
     return [r for r in rollouts if r.in_loss and (r.advantage != 0 or not cfg.skip_zero_signal)]
 
 
+def pack_answers(rollouts: list[Rollout], pad_id: int, device: str | torch.device = "cpu") -> MicroBatch:
+    """`rollouts` as one `MicroBatch`: the answers to the same prompt share one row and one copy of it."""
+    if not rollouts or any(not r.prompt_ids or not r.completion_ids for r in rollouts):
+        raise ValueError("pack_answers needs rollouts, each with prompt and answer tokens")
+    rows: dict[tuple[int, ...], list[int]] = {}  # prompt -> indices of its answers, in order of appearance
+    for a, r in enumerate(rollouts):
+        rows.setdefault(tuple(r.prompt_ids), []).append(a)
+    width = max(len(p) + sum(len(rollouts[a].completion_ids) for a in answers) for p, answers in rows.items())
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    segment = torch.full((len(rows), width), -2)  # -1: prompt, a: answer a, -2: padding
+    predictors = [[] for _ in rollouts]
+    for row, (prompt, answers) in enumerate(rows.items()):
+        n = len(prompt)
+        ids[row, :n], positions[row, :n], segment[row, :n] = torch.tensor(prompt), torch.arange(n), -1
+        start = n
+        for a in answers:
+            answer = rollouts[a].completion_ids
+            end = start + len(answer)
+            ids[row, start:end], segment[row, start:end] = torch.tensor(answer), a
+            positions[row, start:end] = torch.arange(n, n + len(answer))
+            # answer token 0 is predicted by the prompt's last state, token t by the answer's own token t-1
+            predictors[a] = [row * width + n - 1] + list(range(row * width + start, row * width + end - 1))
+            start = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == -1)
+    visible = causal & same & (segment[:, :, None] != -2) & (segment[:, None, :] != -2)
+    lengths = [len(r.completion_ids) for r in rollouts]
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    sampler = torch.zeros(mask.shape).masked_scatter(mask, torch.tensor(
+        [x for r in rollouts for x in r.sampler_logprobs], dtype=torch.float32))
+    return MicroBatch(ids.to(device), positions.to(device), visible.to(device),
+                      torch.tensor([i for p in predictors for i in p], device=device),
+                      torch.tensor([t for r in rollouts for t in r.completion_ids], device=device),
+                      mask.long().to(device), sampler.to(device),
+                      torch.tensor([r.advantage for r in rollouts], dtype=torch.float32, device=device))
+
+
 def micro_batches(rollouts: list[Rollout], cfg: TrainConfig, pad_id: int, device: str = "cpu") -> list[MicroBatch]:
-    """Left-padded tensors for `rollouts`, `cfg.micro_batch_size` sequences at a time."""
-    out = []
-    for start in range(0, len(rollouts), cfg.micro_batch_size):
-        part = rollouts[start:start + cfg.micro_batch_size]
-        b = completion_batch([r.prompt_ids for r in part], [r.completion_ids for r in part], pad_id=pad_id,
-                             logprobs=[r.sampler_logprobs for r in part], device=device)
-        out.append(MicroBatch(b.input_ids, b.attention_mask, b.completion_mask, b.logprobs,
-                              torch.tensor([r.advantage for r in part], dtype=torch.float32, device=device)))
-    return out
+    """`rollouts`, `cfg.micro_batch_size` answers at a time, packed (`pack_answers`)."""
+    return [pack_answers(rollouts[start:start + cfg.micro_batch_size], pad_id, device)
+            for start in range(0, len(rollouts), cfg.micro_batch_size)]
+
+
+def answer_logprobs(model, mb: MicroBatch, *, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs (A, C) of the micro-batch's answer tokens, 0 at padding; the final hidden states (N, hidden)
+    that predicted them). One forward pass over the packed rows, then the head on those states only."""
+    hidden = model(mb.input_ids, positions=mb.positions, visible=mb.visible, return_hidden=True)
+    states = hidden.flatten(0, 1)[mb.predictors]
+    values = head_logprobs(model.lm_head, states, mb.targets, temperature=temperature)
+    logp = torch.zeros(mb.completion_mask.shape, dtype=values.dtype, device=values.device)
+    return logp.masked_scatter(mb.completion_mask.bool(), values), states
 
 
 @torch.no_grad()
 def score(model, batches: list[MicroBatch], cfg: TrainConfig, autocast=contextlib.nullcontext) -> list[torch.Tensor]:
-    """Per-token log-probs of each micro-batch's answers under `model`, without gradients."""
+    """Per-token log-probs (A, C) of each micro-batch's answers under `model`, without gradients."""
     with autocast():
-        return [sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                  temperature=cfg.temperature) for mb in batches]
+        return [answer_logprobs(model, mb, temperature=cfg.temperature)[0] for mb in batches]
 
 
-def _entropy(model, hidden: torch.Tensor, mb: MicroBatch, cfg: TrainConfig) -> tuple[float, int]:
-    """Sum and count of the policy's next-token entropy at every `entropy_stride`-th answer token."""
-    states = hidden[:, :-1][mb.completion_mask[:, 1:].bool()][::cfg.entropy_stride]
+def _entropy(model, states: torch.Tensor, cfg: TrainConfig) -> tuple[float, int]:
+    """Sum and count of the policy's next-token entropy at every `entropy_stride`-th answer token, from
+    the final hidden states (N, hidden) that predicted the answer tokens."""
+    states = states[::cfg.entropy_stride]
     total = 0.0
     for i in range(0, states.shape[0], 256):
         z = model.lm_head(states[i:i + 256]).float() / cfg.temperature
@@ -580,9 +629,7 @@ def _accumulating(model, sync: bool):
 def _idle_batch(device: torch.device) -> MicroBatch:
     """A one-token stand-in for a process that has no micro-batch left while others still do: its loss
     is multiplied by 0, but its forward and backward passes keep the processes' collectives in step."""
-    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-    return MicroBatch(ids, torch.ones_like(ids), torch.tensor([[0, 1]], device=device),
-                      torch.zeros(1, 2, device=device), torch.zeros(1, device=device))
+    return pack_answers([Rollout([0], [0], [0.0], 0.0, True)], pad_id=0, device=device)
 
 
 def update_step(model, batches: list[MicroBatch], normalizer: float, cfg: TrainConfig,
@@ -600,44 +647,37 @@ def update_step(model, batches: list[MicroBatch], normalizer: float, cfg: TrainC
             p.grad = torch.zeros_like(p)
         else:
             p.grad.zero_()
-    hidden: list[torch.Tensor] = []
-    hook = core.norm.register_forward_hook(lambda module, args, out: hidden.append(out.detach()))
     sums = dict(loss=0.0, tokens=0, clip=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0, entropy_n=0,
                 gap=0.0, with_ref=int(bool(batches) and batches[0].ref_logp is not None))
     # every process runs as many micro-batches as the busiest one (idle ones run stand-ins)
     passes = len(batches) if dist.world == 1 else max(dist.gather([len(batches)]))
-    try:
-        for i in range(passes):
-            idle = i >= len(batches)
-            mb = _idle_batch(core.lm_head.weight.device) if idle else batches[i]
-            hidden.clear()
-            with _accumulating(model, sync=i == passes - 1):
-                with autocast():
-                    logp = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                             temperature=cfg.temperature)
-                    if not idle:
-                        old = mb.old_logp if mb.old_logp is not None else logp.detach()
-                        loss, stats = grpo_loss(logp, old, mb.advantages, mb.completion_mask, ref_logp=mb.ref_logp,
-                                                normalizer=normalizer, **loss_settings(cfg))
-                if idle:  # a stand-in: zero gradient, no statistics
-                    (logp.sum() * 0.0).backward()
-                    continue
-                with torch.no_grad(), autocast():  # before the backward pass, while FSDP still holds the head whole
-                    entropy, count = _entropy(core, hidden[-1], mb, cfg)
-                loss.backward()
-            n = int(stats["tokens"])
-            valid = mb.completion_mask.bool()
-            sums["loss"] += float(loss.detach())
-            sums["tokens"] += n
-            sums["clip"] += float(stats["clip_fraction"]) * n
-            sums["clip_low"] += float(stats["clip_low_fraction"]) * n
-            sums["clip_high"] += float(stats["clip_high_fraction"]) * n
-            sums["kl"] += float(stats["kl_mean"]) * n if "kl_mean" in stats else 0.0
-            sums["entropy"] += entropy
-            sums["entropy_n"] += count
-            sums["gap"] += float((logp.detach() - mb.sampler_logprobs).abs()[valid].sum())
-    finally:
-        hook.remove()
+    for i in range(passes):
+        idle = i >= len(batches)
+        mb = _idle_batch(core.lm_head.weight.device) if idle else batches[i]
+        with _accumulating(model, sync=i == passes - 1):
+            with autocast():
+                logp, states = answer_logprobs(model, mb, temperature=cfg.temperature)
+                if not idle:
+                    old = mb.old_logp if mb.old_logp is not None else logp.detach()
+                    loss, stats = grpo_loss(logp, old, mb.advantages, mb.completion_mask, ref_logp=mb.ref_logp,
+                                            normalizer=normalizer, **loss_settings(cfg))
+            if idle:  # a stand-in: zero gradient, no statistics
+                (logp.sum() * 0.0).backward()
+                continue
+            with torch.no_grad(), autocast():  # before the backward pass, while FSDP still holds the head whole
+                entropy, count = _entropy(core, states.detach(), cfg)
+            loss.backward()
+        n = int(stats["tokens"])
+        valid = mb.completion_mask.bool()
+        sums["loss"] += float(loss.detach())
+        sums["tokens"] += n
+        sums["clip"] += float(stats["clip_fraction"]) * n
+        sums["clip_low"] += float(stats["clip_low_fraction"]) * n
+        sums["clip_high"] += float(stats["clip_high_fraction"]) * n
+        sums["kl"] += float(stats["kl_mean"]) * n if "kl_mean" in stats else 0.0
+        sums["entropy"] += entropy
+        sums["entropy_n"] += count
+        sums["gap"] += float((logp.detach() - mb.sampler_logprobs).abs()[valid].sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
         grad_norm = grad_norm.full_tensor()
@@ -831,7 +871,7 @@ def _sum_gradients(group, bucket):
 
 
 class ReplicatedPolicy(DistributedDataParallel):
-    """DDP whose `lm_head` is the wrapped model's: `sequence_logprobs` applies the head in chunks outside
+    """DDP whose `lm_head` is the wrapped model's: `answer_logprobs` applies the head in chunks outside
     `forward`, and the gradients it produces are all-reduced with the rest."""
 
     @property

@@ -242,6 +242,62 @@ def _one_step(cfg, groups, micro_batch_size, optimizer="adamw"):
     return model, grads, stats
 
 
+def _separate_logprobs(model, rollouts):
+    """Each answer scored alone, prompt + answer in its own (left-padded) row: what packing must reproduce."""
+    from rlscratch.grpo import completion_batch, sequence_logprobs
+
+    b = completion_batch([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id=0)
+    full = sequence_logprobs(model, b.input_ids, b.attention_mask, b.completion_mask, chunk_size=3)
+    width = max(len(r.completion_ids) for r in rollouts)
+    return torch.stack([torch.cat([row[-len(r.completion_ids):], row.new_zeros(width - len(r.completion_ids))])
+                        for row, r in zip(full, rollouts)])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_answers_score_like_separate_sequences(tied):
+    torch.manual_seed(0)
+    model = Qwen2Model(tiny_config(vocab_size=512, max_position_embeddings=64, tie_word_embeddings=tied)).float()
+    p1, p2 = [5, 9, 2, 7], [3, 8]
+    # two prompts, interleaved, answers of different lengths (one of a single token)
+    rollouts = [T.Rollout(p, c, [-1.0] * len(c), a, True) for p, c, a in
+                [(p1, [11, 12, 13], 1.0), (p2, [20, 21, 22, 23, 24], -1.0), (p1, [14], 0.5), (p1, [15, 16], -0.5)]]
+    mb = T.pack_answers(rollouts, pad_id=0)
+    assert mb.input_ids.shape == (2, 4 + 3 + 1 + 2)  # one row per prompt, each prompt once
+    assert mb.input_ids[0].tolist() == p1 + [11, 12, 13, 14, 15, 16]
+    assert mb.input_ids[1].tolist() == p2 + [20, 21, 22, 23, 24] + [0] * 3
+    assert mb.positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 4, 4, 5]  # each answer starts where its prompt ends
+    assert mb.completion_mask.tolist() == [[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    packed, states = T.answer_logprobs(model, mb)
+    separate = _separate_logprobs(model, rollouts)
+    assert packed.shape == separate.shape == (4, 5) and states.shape == (11, model.config.hidden_size)
+    assert torch.allclose(packed, separate, atol=1e-5), (packed - separate).abs().max()
+    assert (packed[mb.completion_mask == 0] == 0).all() and (packed[mb.completion_mask == 1] < 0).all()
+    # the same gradients, through the shared prompt too
+    weights = torch.randn(packed.shape)
+    grads = []
+    for logp in (packed, separate):
+        model.zero_grad()
+        (logp * weights).sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert max((a - b).abs().max().item() for a, b in zip(*grads)) < 1e-5
+
+
+def test_pack_answers_and_the_models_layout_checks():
+    with pytest.raises(ValueError, match="needs rollouts"):
+        T.pack_answers([], pad_id=0)
+    with pytest.raises(ValueError, match="needs rollouts"):
+        T.pack_answers([T.Rollout([1], [], [], 1.0, True)], pad_id=0)
+    model = _small_model()
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="go together"):
+        model(ids, positions=torch.arange(3)[None])
+    with pytest.raises(ValueError, match=r"\(B, T, T\)"):
+        model(ids, positions=torch.arange(3)[None], visible=torch.ones(1, 3, 2, dtype=torch.bool))
+    # a causal `visible` is the ordinary forward pass
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()[None]
+    assert torch.allclose(model(ids, positions=torch.arange(3)[None], visible=causal), model(ids), atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "dapo"])
 def test_accumulating_micro_batches_gives_the_same_update(tmp_path, preset):
     cfg = dataclasses.replace(toy_config(tmp_path, preset=preset), group_size=4, max_new_tokens=8, temperature=1.0,

@@ -248,6 +248,8 @@ assert toy.logprobs[1].tolist() == [0, 0, -2, -3, -4]
 # The model interface this relies on is small: `model(input_ids, attention_mask=...,
 # return_hidden=True)` returns the final normalised hidden states, and `model.lm_head` maps them to
 # logits. `rlscratch.grpo` never imports the model class; any module with that interface works.
+# Steps 3 and 4 live in a function of their own, `head_logprobs`, because chapter 6 applies them to
+# hidden states it lays out differently (several answers after one shared prompt).
 
 # %%
 #| export: grpo
@@ -273,18 +275,28 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True)
     predicts = scored[:, 1:]  # the hidden state at t-1 scores token t
     states = hidden[:, :-1][predicts]  # (N, hidden), N = number of completion tokens
-    targets = input_ids[:, 1:][predicts]
+    values = head_logprobs(model.lm_head, states, input_ids[:, 1:][predicts], temperature=temperature,
+                           chunk_size=chunk_size)
+    return torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
+
+
+def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, *,
+                  temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
+    """log p(targets[i] | states[i]) (N,) in float32 from final hidden states (N, hidden), through the
+    vocabulary head `chunk_size` rows at a time, each chunk recomputed in the backward pass when
+    gradients are on (activation checkpointing), so no more than one chunk of logits exists at once."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
     def head(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return token_logprobs(model.lm_head(h), y, temperature=temperature)
+        return token_logprobs(lm_head(h), y, temperature=temperature)
 
-    track = torch.is_grad_enabled() and (states.requires_grad or model.lm_head.weight.requires_grad)
+    track = torch.is_grad_enabled() and (states.requires_grad or lm_head.weight.requires_grad)
     pieces = [checkpoint(head, states[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False) if track
               else head(states[i:i + chunk_size], targets[i:i + chunk_size])
               for i in range(0, states.shape[0], chunk_size)]
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    values = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=dtype)
-    return torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
+    dtype = torch.promote_types(states.dtype, torch.float32)
+    return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=dtype)
 
 
 # %% [markdown]
