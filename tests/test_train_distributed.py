@@ -19,9 +19,14 @@ from rlscratch import train as T
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s", "seconds")
 # the toy task under the grpo preset (a KL term, so a reference model on every process), micro-batches of 4
-# so that each process accumulates several and the processes hold different numbers of them
+# so that each process accumulates several and the processes hold different numbers of them. The runs on 1
+# and 2 processes draw the same samples only while their weights, equal up to float rounding, give every
+# draw the same token: a draw that falls within rounding of a boundary between two tokens can go either
+# way, and the runs part from there. With this toy's large learning rate that is not rare: seeds 1, 2 and 4
+# met one within 8 steps once chapter 6 packed answers, which moved the rounding (inputs, weights and
+# reference log-probs equal up to that draw); seeds 0 and 3 met none, for DDP and FSDP alike.
 TOY = ["--model", "tiny-random", "--task", "toy", "--preset", "grpo", "--steps", "8", "--save-every", "4",
-       "--seed", "4", "--lr", "0.005", "--dtype", "float32", "--micro-batch-size", "4", "--eval-problems", "4",
+       "--seed", "3", "--lr", "0.005", "--dtype", "float32", "--micro-batch-size", "4", "--eval-problems", "4",
        "--wandb-mode", "disabled"]
 
 
@@ -110,7 +115,7 @@ def test_two_processes_compute_the_one_process_run(runs, name):
     assert _strip(one["evals"]) == _strip(two["evals"])
     assert {**one["prepass"], "seconds": 0} == {**two["prepass"], "seconds": 0}  # rank 0's pre-pass, shared
 
-    # Weights: every tensor within 1e-5 (measured: 1.8e-6; the weights moved by up to 2.4e-2 during the run)
+    # Weights: every tensor within 1e-5 (measured: 4.4e-6; the weights moved by up to 2.1e-2 during the run)
     # except the key-projection biases. A bias added to every key shifts all of a query's attention scores
     # by the same amount, which the softmax ignores: its true gradient is exactly 0, its computed gradient
     # is rounding noise, and AdamW divides that noise by its own size (eps = 1e-8), so these biases take

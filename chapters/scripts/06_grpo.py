@@ -2490,9 +2490,24 @@ else:
 # questions in the same order). The answers are sampled again, by today's engine, so they are not
 # the same answers: compare per trained token as well as per step.
 #
-# [[PACKED PROSE]]
+# Step 1 is the clean comparison: the same starting weights and seed gave the very same 32 answers
+# (8,115 answer tokens in both runs), and packing cut its reference pass from 36.5 to 34.6 s and its
+# policy update from 166.7 to 155.4 s: 241 s became 233 s, 3% of the step. Over the 4 steps, per
+# trained answer token, the reference pass ran 1.26 times and the update 1.19 times as fast, but
+# steps 2-4 sampled other answers (the weights after step 1 differ by float rounding, enough to
+# change some samples), so those ratios mix packing with different workloads. The gain is smaller
+# than the token count suggests (a packed micro-batch here has about 30% fewer positions) for two
+# reasons. The vocabulary head works on answer tokens only, so it costs the same in both layouts; in
+# a `torch.profiler` trace of one packed micro-batch (not shown here) its log-softmax, forward and
+# backward, took about a third of the CPU time. And a packed row's attention spans the whole row
+# (about 1,100 positions for 4 answers of about 250 tokens) where each separate row spanned about 390.
+# `benchmarks/bench_packing.py` measures the same two layouts side by side on one fixed workload
+# (README, "Training"). The goal for a step of 32 answers, at most 3 minutes, is still not met: the
+# median of these 4 steps is 181 s, and the two steps that trained all 32 answers took 233 and 200 s.
 
 # %%
+import statistics
+
 PACKED_DIR = Path(os.environ.get("RLSCRATCH_GRPO_PACKED", cache_dir() / "runs" / "grpo-gsm8k-packed"))
 PACKED_RECORDS = WORK / "packed-records" if SMOKE else results_dir() / "grpo-gsm8k-packed"
 packed_run = load_run(PACKED_DIR, PACKED_RECORDS)
@@ -2513,8 +2528,8 @@ else:
         rate_a = sum(a[1] for a in after) / sum(a[i] for a in after)
         print(f"{name:9}: {rate_b:5.1f} -> {rate_a:5.1f} trained answer tokens/s ({rate_a / rate_b:.2f}x)")
     full = [sum(a[2:]) for a in after if a[0] == 32]
-    print(f"packed steps training all 32 answers: {', '.join(f'{t:.0f}' for t in full) or 'none'} s "
-          f"(the goal: at most 180 s)")
+    print(f"packed steps: median {statistics.median(sum(a[2:]) for a in after):.0f} s; those training all 32 "
+          f"answers: {', '.join(f'{t:.0f}' for t in full) or 'none'} s (the goal: at most 180 s)")
 
 # %% [markdown]
 # ### On a GPU
@@ -2613,7 +2628,12 @@ else:
 # **Check: one process against two.** The toy run of section 11 (grpo preset, micro-batches of 4,
 # `SCALE_STEPS` steps) on one process, on two with DDP, and on two with FSDP, each launched as a
 # terminal command. The rewards must be identical at every step, because the answers are; the
-# weights agree to rounding, except for one kind of weight explained below.
+# weights agree to rounding, except for one kind of weight explained below. One caveat: weights equal
+# up to rounding give the same sample only when the random draw is not within rounding of the
+# boundary between two tokens. A draw that is can go either way, and two runs part from that step on.
+# With this toy's large learning rate that is not rare: seeds 1, 2 and 4 met such a draw within 8
+# steps (inputs, weights and reference log-probs equal up to it), seeds 0 and 3 did not. This check
+# uses seed 3.
 
 # %%
 import socket
@@ -2635,7 +2655,7 @@ def toy_command(folder: str, processes: int, *extra: str) -> list[str]:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
                      "--master_port", str(port)]
     return [*launcher, "-m", "rlscratch.train", "--model", "tiny-random", "--task", "toy", "--preset", "grpo",
-            "--steps", str(SCALE_STEPS), "--seed", "4", "--lr", "0.005", "--dtype", "float32", "--micro-batch-size", "4",
+            "--steps", str(SCALE_STEPS), "--seed", "3", "--lr", "0.005", "--dtype", "float32", "--micro-batch-size", "4",
             "--eval-problems", "4", "--wandb-mode", "disabled", "--output-dir", str(WORK / folder), *extra]
 
 
