@@ -819,14 +819,14 @@ print("same answers with another generation batch size:", True)
 #   `updates_per_batch > 1` the second update no longer is, so the old log-probs are scored once,
 #   before the first update.
 # * **Each prompt once.** The 8 answers of a group continue the same prompt, and a GSM8K prompt (chat
-#   template, system prompt, question) is about 150 tokens against answers of about 230. Scoring each
+#   template, system prompt, question) is about 100 tokens against answers of about 230. Scoring each
 #   answer as its own prompt + answer row sends the prompt through the model 8 times and pads every
 #   row to the longest in its micro-batch. Instead, `pack_answers` writes the prompt once and the
 #   answers after it, in one row, and tells the attention who may see whom: each answer token sees
 #   the prompt and the earlier tokens of its own answer, never another answer, and keeps the position
 #   it had when it was sampled (the prompt's length plus its index in the answer). The log-probs are
 #   then exactly those of the separate rows (checked below), for fewer tokens: at micro-batches of
-#   4 answers, roughly 150 + 4 x 230 instead of 4 x (150 + the longest answer).
+#   4 answers, roughly 100 + 4 x 230 instead of 4 x (100 + the longest answer).
 # * **Gradient accumulation.** A batch of 32 answers of 300 tokens through a 0.5B model, with
 #   gradients, needs more memory than a laptop has to spare. It is split into micro-batches whose gradients add up before one optimizer
 #   step. Each micro-batch's loss is divided by the **whole batch's** normaliser (chapter 5, section
@@ -2500,7 +2500,7 @@ else:
 # reasons. The vocabulary head works on answer tokens only, so it costs the same in both layouts; in
 # a `torch.profiler` trace of one packed micro-batch (not shown here) its log-softmax, forward and
 # backward, took about a third of the CPU time. And a packed row's attention spans the whole row
-# (about 1,100 positions for 4 answers of about 250 tokens) where each separate row spanned about 390.
+# (about 1,100 positions for 4 answers of about 250 tokens) where each separate row spanned about 400.
 # `benchmarks/bench_packing.py` measures the same two layouts side by side on one fixed workload
 # (README, "Training"). The goal for a step of 32 answers, at most 3 minutes, is still not met: the
 # median of these 4 steps is 181 s, and the two steps that trained all 32 answers took 233 and 200 s.
