@@ -12,7 +12,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
                                                  ("bench_roofline.py", [], "roofline"),
                                                  ("bench_train.py", [], "speed_ours_over_hf_plain"),
                                                  ("bench_batching.py", [], "answers identical"),
-                                                 ("bench_packing.py", [], "speedup_policy")])
+                                                 ("bench_packing.py", [], "speedup_policy"),
+                                                 ("bench_allocator.py", [], "speedup_vs_glibc")])
 def test_benchmark_smoke(script, extra, marker):
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", *extra],
                           capture_output=True, text=True, timeout=600)

@@ -22,7 +22,7 @@ def table_tool(tmp_path, monkeypatch):
     return module
 
 
-def write_records(tmp_path, settings, ids, n=1, answer="3"):
+def write_records(tmp_path, settings, ids, n=1, answer="3", interrupted=True):
     runs = tmp_path / "runs"
     runs.mkdir(exist_ok=True)
     name = settings.run_name("gsm8k")
@@ -31,7 +31,8 @@ def write_records(tmp_path, settings, ids, n=1, answer="3"):
             f.write(json.dumps({"id": i, "gold": "3", "responses": [f"so \\boxed{{{answer}}}"] * n, "finish": ["stop"] * n,
                                 "extracted": [answer] * n, "mean_logprob": [-0.1] * n,
                                 "tokens": [100] * n, "correct": [answer == "3"] * n, "seconds": 2.0}) + "\n")
-        f.write('{"id": "cut short')  # an interrupted write: ignored
+        if interrupted:
+            f.write('{"id": "cut short')  # an interrupted write: ignored
 
 
 def test_plan_counts_what_is_missing(table_tool, tmp_path, capsys):
@@ -47,3 +48,21 @@ def test_plan_counts_what_is_missing(table_tool, tmp_path, capsys):
     assert missing == {"base": 2, "cot": 4, "sc": 20, "refine": 12, "grpo": 4}
     out = capsys.readouterr().out
     assert "no trained model" in out and "in all about" in out
+
+
+def test_table_rows_keep_verdicts_for_pairing(table_tool, tmp_path):
+    problems = [Problem(id=f"gsm8k-test-{i}", question="q", answer="3", solution="", dataset="gsm8k", level=1)
+                for i in range(4)]
+    args = table_tool.parse(["--limit", "4", "--grpo-model", str(tmp_path / "no-run" / "final")])
+    s = table_tool.settings(args)
+    write_records(tmp_path, s["base"], ["gsm8k-test-0", "gsm8k-test-1"], answer="3", interrupted=False)
+    write_records(tmp_path, s["base"], ["gsm8k-test-2", "gsm8k-test-3"], answer="4")
+    write_records(tmp_path, s["cot"], ["gsm8k-test-0", "gsm8k-test-2", "gsm8k-test-3"], answer="3", interrupted=False)
+    write_records(tmp_path, s["cot"], ["gsm8k-test-1"], answer="5")
+    rows = table_tool.table(args, problems)
+    assert list(rows) == ["base (greedy)", "+ chain of thought"]  # the other rows have no records: left out
+    base, cot = rows["base (greedy)"], rows["+ chain of thought"]
+    assert base["verdicts"] == "1100" and cot["verdicts"] == "1011"
+    assert base["accuracy"] == 0.5 and cot["accuracy"] == 0.75 and base["n"] == 4
+    assert base["vs_cot"] == {"gained": 1, "lost": 2, "p": pytest.approx(1.0)}
+    assert base["mean_tokens"] == 100 and base["cpu_minutes"] == pytest.approx(4 * 2.0 / 60)

@@ -93,6 +93,16 @@ def grpo_settings(args):
     return (model, tokenizer), s
 
 
+def refine_round(s: dict[str, EvalSettings], r: int) -> dict:
+    """The records of self-refinement round r (0: the first answers) with chapter 04's settings."""
+    if r == 0:
+        return load_records(dataclasses.replace(s["cot"], stage="refine-r0"), "gsm8k")
+    if not (results_dir() / "04_refine_settings.json").exists():
+        return {}  # chapter 04 has not chosen its score yet: nothing of these rounds can be recorded
+    score = refine_settings()["score"]
+    return load_records(dataclasses.replace(s["cot"], stage=f"refine-confidence-{score}-r{r}"), "gsm8k")
+
+
 def plan(args, problems) -> dict[str, int]:
     """Missing generated answers per row (estimates for rows whose records depend on earlier ones)."""
     ids = [p.id for p in problems]
@@ -102,8 +112,8 @@ def plan(args, problems) -> dict[str, int]:
     missing = {"base": sum(i not in base for i in ids), "cot": sum(i not in cot for i in ids)}
     sc = load_records(s["sc"], "gsm8k")
     missing["sc"] = 10 * sum(i not in sc and i not in sc20 for i in ids)
-    refine = load_records(dataclasses.replace(s["cot"], stage="refine-r0"), "gsm8k")
-    missing["refine"] = 3 * sum(i not in refine for i in ids)  # rounds 0-2 (later rounds are counted as a whole)
+    missing["refine"] = sum(i not in refine_round(s, r) for r in range(3) for i in ids)  # an upper bound: a
+    # later round re-asks only the problems that `self_refine` sends back
     trained = grpo_settings(args)
     grpo = {} if trained is None else load_records(trained[1], "gsm8k")
     missing["grpo"] = len(ids) if trained is None else sum(i not in grpo for i in ids)
@@ -153,7 +163,8 @@ def generate_rows(args, problems) -> None:
 
 
 def table(args, problems) -> dict:
-    """The rows that are complete, as {name: {n, accuracy, ci95, tokens per problem, CPU minutes, p vs cot}}."""
+    """The rows that are complete, as {name: {n, accuracy, ci95, tokens per problem, CPU minutes, p vs cot,
+    verdicts ("1"/"0" per problem, in order)}}."""
     from rlscratch.model import load_model
     from rlscratch.refine import final_rounds, self_refine
 
@@ -183,8 +194,8 @@ def table(args, problems) -> dict:
             verdicts["grpo"] = [bool(recs[i]["correct"][0]) for i in ids]
             tokens["grpo"] = [recs[i]["tokens"][0] for i in ids]
             seconds["grpo"] = [recs[i]["seconds"] for i in ids]
-    refine_recs = load_records(dataclasses.replace(s["cot"], stage="refine-r0"), "gsm8k")
-    if all(i in refine_recs for i in ids) and (results_dir() / "04_refine_settings.json").exists():
+    if (results_dir() / "04_refine_settings.json").exists() and not any(
+            i not in refine_round(s, r) for r in range(3) for i in ids):  # complete: only read here
         r = refine_settings()
         model, tokenizer = load_model(OFFLINE_MODEL)
         traces = self_refine(model, tokenizer, problems, rounds=2, feedback="confidence", select="confidence",
@@ -200,7 +211,8 @@ def table(args, problems) -> dict:
             continue
         right = sum(verdicts[row])
         entry = {"n": len(ids), "accuracy": right / len(ids), "ci95": list(wilson_interval(right, len(ids))),
-                 "mean_tokens": sum(tokens[row]) / len(ids), "cpu_minutes": sum(seconds[row]) / 60}
+                 "mean_tokens": sum(tokens[row]) / len(ids), "cpu_minutes": sum(seconds[row]) / 60,
+                 "verdicts": "".join("1" if v else "0" for v in verdicts[row])}  # problem by problem, for pairing
         if row != "cot" and "cot" in verdicts:
             paired = compare_paired(verdicts[row], verdicts["cot"])
             entry.update(vs_cot={"gained": paired["wins"], "lost": paired["losses"], "p": paired["p_value"]})
@@ -223,7 +235,8 @@ def main(argv=None) -> int:
     rows = table(args, problems)
     path = results_dir() / "results_table.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
-    stored[f"gsm8k_first_{args.limit}"] = {"machine": describe_hardware(), "rows": rows}
+    stored[f"gsm8k_first_{args.limit}"] = {"machine": describe_hardware(), "problem_ids": [p.id for p in problems],
+                                          "rows": rows}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(stored, indent=1))
     os.replace(tmp, path)
