@@ -69,10 +69,9 @@ def refine_settings() -> dict:
 
 def grpo_settings(args):
     """(the trained model, its evaluation settings), or None before the run has exported it. The settings are
-    the training run's own evaluation settings (float32 weights, bf16 autocast where native), so the run's
-    last evaluation (its first problems) is reused; it is copied here from the run folder."""
-    import shutil
-
+    the training run's own evaluation settings (template, token budget) with the exported weights' fingerprint,
+    run with bf16 autocast where native, as the run evaluated. The run's own evaluations are not reused: they
+    cover only its first problems, and their fingerprint is that of the live training model."""
     import torch
 
     from rlscratch.model import load_model, weights_fingerprint
@@ -85,11 +84,6 @@ def grpo_settings(args):
     model, tokenizer = load_model(final, dtype=torch.float32)
     s = EvalSettings(model=run_config["model"], template=run_config["template"],
                      max_new_tokens=run_config["eval_max_new_tokens"], weights=weights_fingerprint(model))
-    name = s.run_name("gsm8k")
-    source, target = final.parent / "evals" / f"{name}.jsonl", results_dir() / "runs" / f"{name}.jsonl"
-    if source.exists() and not target.exists():
-        shutil.copyfile(source, target)
-        shutil.copyfile(source.with_name(f"{name}.settings.json"), target.with_name(f"{name}.settings.json"))
     return (model, tokenizer), s
 
 
