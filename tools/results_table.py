@@ -106,8 +106,9 @@ def plan(args, problems) -> dict[str, int]:
     missing = {"base": sum(i not in base for i in ids), "cot": sum(i not in cot for i in ids)}
     sc = load_records(s["sc"], "gsm8k")
     missing["sc"] = 10 * sum(i not in sc and i not in sc20 for i in ids)
-    missing["refine"] = sum(i not in refine_round(s, r) for r in range(3) for i in ids)  # an upper bound: a
-    # later round re-asks only the problems that `self_refine` sends back
+    rounds = [refine_round(s, r) for r in range(3)]
+    missing["refine"] = sum(i not in recs for recs in rounds for i in ids)  # an upper bound: a later round
+    # re-asks only the problems that `self_refine` sends back
     trained = grpo_settings(args)
     grpo = {} if trained is None else load_records(trained[1], "gsm8k")
     missing["grpo"] = len(ids) if trained is None else sum(i not in grpo for i in ids)
@@ -188,8 +189,9 @@ def table(args, problems) -> dict:
             verdicts["grpo"] = [bool(recs[i]["correct"][0]) for i in ids]
             tokens["grpo"] = [recs[i]["tokens"][0] for i in ids]
             seconds["grpo"] = [recs[i]["seconds"] for i in ids]
-    if (results_dir() / "04_refine_settings.json").exists() and not any(
-            i not in refine_round(s, r) for r in range(3) for i in ids):  # complete: only read here
+    refine_rounds = [refine_round(s, r) for r in range(3)]
+    if (results_dir() / "04_refine_settings.json").exists() and all(
+            i in recs for recs in refine_rounds for i in ids):  # complete: only read here
         r = refine_settings()
         model, tokenizer = load_model(OFFLINE_MODEL)
         traces = self_refine(model, tokenizer, problems, rounds=2, feedback="confidence", select="confidence",
