@@ -634,3 +634,17 @@ def test_updates_per_batch_reuse_rollouts_with_old_logprobs(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx(
         [cfg.lr * T.lr_factor(s, warmup_steps=0, total_steps=4, min_lr_ratio=cfg.min_lr_ratio) for s in range(4)])
     shutil.rmtree(cfg.output_dir)
+
+
+def test_command_line_restarts_under_tcmalloc_when_installed(tmp_path):
+    from rlscratch.train import TCMALLOC, allocator_environment
+
+    empty, lib_dir = tmp_path / "empty", tmp_path / "lib"
+    empty.mkdir()
+    lib_dir.mkdir()
+    (lib_dir / TCMALLOC).write_bytes(b"")
+    assert allocator_environment({"PATH": "/bin"}, search=(empty,)) is None  # not installed: go on as it is
+    env = allocator_environment({"PATH": "/bin", "LD_PRELOAD": "other.so"}, search=(empty, lib_dir))
+    assert env == {"PATH": "/bin", "LD_PRELOAD": f"{lib_dir / TCMALLOC}:other.so"}
+    assert allocator_environment(env, search=(lib_dir,)) is None  # already loaded: no restart loop
+    assert allocator_environment({"RLSCRATCH_MALLOC": "system"}, search=(lib_dir,)) is None  # the user's choice
