@@ -2555,18 +2555,20 @@ else:
 # %% [markdown]
 # ### The memory allocator: the same steps under tcmalloc
 #
-# A profile of a packed micro-batch pointed at the vocabulary head's log-softmax, yet a hand-written
-# head that avoided it was no faster. The measurements below point elsewhere, at a cost a profiler
+# A profile of a packed micro-batch pointed at the vocabulary head's log-softmax. The measurements
+# below point elsewhere, at a cost a profiler
 # charges to whichever operator first touches new memory: page faults. A step allocates and frees the
 # same large tensors over and over (one 256-token chunk of the head's 152k-wide logits is 78 MB in
 # bf16, 156 MB in float32), and glibc's `malloc` serves each block above 32 MB with a fresh `mmap` and
 # hands it back with `munmap`, so the kernel maps and zeroes those pages again every time. `benchmarks/bench_allocator.py` runs the same scoring work (the
 # packed reference and policy passes of one 32-answer step, then AdamW) in three processes that differ
-# only in the allocator, chosen with `LD_PRELOAD`: glibc took 22 million minor page faults, tcmalloc
-# (which keeps freed pages for reuse) 2.5 million, and the work ran 1.40 times as fast (policy pass
-# 131 → 91 s, reference 29.8 → 25.3 s, AdamW 7.9 → 4.5 s; identical log-probs; README, "Training").
-# jemalloc, with its default settings, returned pages to the kernel even more eagerly than glibc and
-# was slower (0.93×). No code changes: only how the process is started,
+# only in the allocator, chosen with `LD_PRELOAD`, one run each: glibc took 22 million minor page
+# faults, tcmalloc (which keeps freed pages for reuse) 2.5 million, and the work ran 1.40 times as fast
+# (168.9 → 121.0 s in all: policy pass 131 → 91 s, reference 29.8 → 25.3 s, AdamW 7.9 → 4.5 s;
+# identical log-probs; README, "Performance"). jemalloc with its default settings took 37 million
+# faults and was no faster (0.93×; one run, and `bench_train.py`'s two rounds differed by up to 12%
+# on this machine). The real steps below are the second measurement. The speedup needs no change to the training
+# code, only to how the process is started,
 #
 # ```bash
 # LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python -m rlscratch.train ...
@@ -2591,19 +2593,26 @@ else:
         cells = " | ".join(f"{b[p]:5.1f} -> {a[p]:5.1f}" for p in phases)
         print(f"{k:4} | {b['sequences_trained']:3} -> {a['sequences_trained']:3} | {b['tokens_trained']:5} -> "
               f"{a['tokens_trained']:5} | {cells} | {sum(b[p] for p in phases):6.1f} -> {sum(a[p] for p in phases):6.1f}")
+    for p in phases:
+        before, after = sum(b[p] for b in glibc_steps), sum(a[p] for a in tcmalloc_steps)
+        print(f"{p[5:]:10}: {before:6.1f} -> {after:6.1f} s over {len(tcmalloc_steps)} steps ({before / after:.2f}x)")
+    same = all(b[k] == a[k] for b, a in zip(glibc_steps, tcmalloc_steps)
+               for k in ("tokens_trained", "reward_mean", "loss", "grad_norm"))
+    print(f"same answer tokens, rewards, losses and gradient norms at every step: {same}")
     step_seconds = [sum(a[p] for p in phases) for a in tcmalloc_steps]
     full = [t for t, a in zip(step_seconds, tcmalloc_steps) if a["sequences_trained"] == 32]
     print(f"tcmalloc steps: median {statistics.median(step_seconds):.0f} s; those training all 32 answers: "
           f"{', '.join(f'{t:.0f}' for t in full) or 'none'} s (the goal: at most 180 s)")
 
 # %% [markdown]
-# The allocator changes no number the model computes, and here it did not even change a sample: all
-# four steps sampled exactly the answers of the glibc run (the same answer-token counts, step by
-# step), so this is a clean side-by-side comparison of the same work. Step 1 went from 233 to 191 s
-# (its update from 155 to 119 s), step 2 from 200.5 to 151.4 s, and the median of the four from 181 to
+# The allocator changes no number the model computes, and here it did not even change a sample: the
+# two runs have the same answer-token counts, rewards, losses and gradient norms at every step (checked
+# above), so this is a side-by-side comparison of the same work. Step 1 went from 233 to 191 s (its
+# policy update from 155 to 119 s), step 2 from 201 to 151 s, and the median of the four from 181 to
 # 138 s. Three of the four steps met the 3-minute goal; the heaviest, step 1 with 8,115 answer tokens,
-# is still 11 s over it. The reference pass gained least (34.6 → 33.7 s in step 1, where the benchmark
-# saw 1.18×). The command line now restarts itself under tcmalloc when the library is installed
+# is still 11 s over it. Over the four steps the policy update ran 1.38 times as fast, generation 1.08
+# and the reference pass 1.09 times (in step 1 the reference pass barely changed, 34.6 → 33.7 s,
+# where the benchmark saw 1.18×). The command line now restarts itself under tcmalloc when the library is installed
 # (`allocator_environment`, in the exported cell of section 10; `RLSCRATCH_MALLOC=system` keeps
 # glibc), so the run's own command gets the faster allocator without remembering `LD_PRELOAD`.
 
@@ -2795,22 +2804,22 @@ print("median seconds per step:", {k: round(v, 2) for k, v in times.items()})
 # about ±6 points wide: the 3-4 point leads we saw (self-consistency over greedy decoding, in chapter 3
 # and in section 12) could not be told from chance. The book closes with one table measured on more
 # questions: the first 500 GSM8K test questions, every row on exactly the same ones, which narrows
-# the intervals to about ±4 points and gives a paired test two and a half times as many questions on
-# which two methods can disagree. The rows are the book's five stages:
+# the intervals to about ±4 points; a paired test gets 2.5 times as many questions, and so about 2.5
+# times as many on which two methods disagree. The rows are the book's five stages:
 #
 # - **base**: greedy decoding with the plain chat prompt (chapter 2);
 # - **+ chain of thought**: greedy decoding with chapter 3's reasoning prompt (`step_by_step`, chosen
 #   on training questions);
 # - **+ self-consistency (N=10)**: a majority vote over 10 answers sampled at chapter 3's temperature
 #   (T = 0.3, also chosen on training questions);
-# - **+ self-refinement (K=2)**: chapter 4's deployable variant: two rounds of calibrated confidence
-#   feedback, keeping the round the model is most confident in;
+# - **+ self-refinement (K=2)**: chapter 4's deployable variant: a first answer, then two rounds of
+#   calibrated confidence feedback (three answers), keeping the one the model is most confident in;
 # - **+ GRPO (3 epochs)**: this chapter's trained model, greedy, with the chain-of-thought prompt.
 #
 # `tools/results_table.py` produced them. It is a thin script over the harness of chapter 2: every row
 # is a recorded, resumable run in `data/results/runs/` (one line per question), so the records of
-# earlier chapters are reused (chapter 3's 20-sample run already held the first 10 samples of its
-# first 200 questions) and a killed run continues where it stopped. The table itself, with each row's
+# earlier chapters are reused (for the first 200 questions, the first 10 of chapter 3's 20 samples per
+# question: sample j gets the same seed whatever N is) and a killed run continues where it stopped. The table itself, with each row's
 # question-by-question verdicts, is stored in `data/results/results_table.json`; this section only
 # reads it.
 
@@ -2824,10 +2833,10 @@ else:
     n_book = len(book_table["problem_ids"])
     assert all(len(e["verdicts"]) == e["n"] == n_book for e in book_rows.values())  # same questions, every row
     print(f"GSM8K test, the first {n_book} questions; measured on {book_table['machine']}")
-    print(f"{'method':28} {'accuracy':>8} {'95% CI':>16} {'tokens':>7} {'CPU min':>8}  against chain of thought")
+    print(f"{'method':28} {'accuracy':>8} {'95% CI':>16} {'tokens':>7} {'CPU min':>8}  this row vs chain of thought")
     for name, e in book_rows.items():
         vs = e.get("vs_cot")
-        versus = f"{vs['gained']:3d} gained, {vs['lost']:3d} lost, p = {vs['p']:.2g}" if vs else ""
+        versus = f"{vs['gained']:3d} gained, {vs['lost']:3d} lost, p = {vs['p']:.3f}" if vs else ""
         print(f"{name:28} {e['accuracy']:8.1%} [{e['ci95'][0]:5.1%}, {e['ci95'][1]:5.1%}] {e['mean_tokens']:7.0f} "
               f"{e['cpu_minutes']:8.0f}  {versus}")
     print(f"in all {sum(e['cpu_minutes'] for e in book_rows.values()) / 60:.1f} CPU hours")
@@ -2847,8 +2856,8 @@ else:
 # %% [markdown]
 # The p-values above pair each row with greedy chain of thought question by question (exact McNemar
 # test on the questions where exactly one of the two is right). The book's question pairs two other
-# rows: the trained model against self-consistency, and, for completeness, each technique against
-# the one it builds on.
+# rows: the trained model against self-consistency; for completeness, each technique against the one
+# it builds on, and self-refinement against its own first answers.
 
 # %%
 if book_table and len(book_table["rows"]) == 5:
@@ -2856,31 +2865,41 @@ if book_table and len(book_table["rows"]) == 5:
     base_name, cot_name, sc_name, refine_name, grpo_name_500 = book_rows
     pairs = [(cot_name, base_name), (sc_name, cot_name), (refine_name, cot_name), (grpo_name_500, cot_name),
              (grpo_name_500, sc_name)]
+    round0_files = sorted((results_dir() / "runs").glob("gsm8k-step_by_step-refine-r0-*.jsonl"))
+    if round0_files:  # self-refinement's first answers: the same greedy chain of thought, generated in another run
+        first_answers = {r["id"]: bool(r["correct"][0]) for r in _read_jsonl(round0_files[0])}
+        verdicts["refinement's round 0"] = [first_answers[i] for i in book_table["problem_ids"]]
+        pairs += [(refine_name, "refinement's round 0"), ("refinement's round 0", cot_name)]
     for first, second in pairs:
         paired = compare_paired(verdicts[first], verdicts[second])
         print(f"{first:28} vs {second:28}: {paired['wins']:3d} gained, {paired['losses']:3d} lost, "
-              f"p = {paired['p_value']:.3f}")
+              f"p = {paired['p_value']:.4f}")
 
 # %% [markdown]
 # Read against the question the book set out with, the table says:
 #
 # - **Self-consistency is the one gain that 500 questions confirm.** Voting over 10 samples answered
 #   34.6% against greedy chain of thought's 31.0%: 36 questions gained, 18 lost, exact McNemar
-#   p = 0.020. It is also the comparison chapter 3 predicted from training questions (there the vote
-#   beat greedy decoding with p = 0.005), so it is a planned test, not one picked among many. The
-#   price is ten times the tokens (2,884 against 288 per question) and ten times the CPU time.
+#   p = 0.020. Chapter 3 predicted it on training questions (a vote of five samples at T = 0.3 beat
+#   greedy decoding there, 23 questions against 7, p = 0.005, on the same questions T was chosen on),
+#   and it is one of the two tests this table was built for, with GRPO against self-consistency. The
+#   price is ten times the tokens (2,884 against 288 per question) and ten times the time.
 # - **The reasoning prompt alone is not a significant gain** over the plain chat prompt: 31.0% against
 #   28.4% (chain of thought gained 39 questions and lost 26, p = 0.14).
-# - **Self-refinement did not help**: 29.0%, 20 questions lost against 10 gained (p = 0.099), at 3.5
-#   times the tokens of chain of thought. Keeping the most confident of three rounds sometimes keeps a
-#   confident wrong revision over a right first answer, as chapter 4 found on 40 questions. Its CPU
-#   minutes count generation only; re-scoring the later rounds' answers as first answers (the
-#   confidence it compares) took about 20 minutes more.
+# - **Self-refinement did not help**: 29.0%, against chain of thought 10 questions gained and 20 lost
+#   (p = 0.099), at 3.5 times the tokens. The gap is not refinement's doing: keeping the most confident
+#   of its three answers (the first and two revisions) kept the verdict of its first answer on every one
+#   of the 500 questions, as in chapter 4 on 40, and that first answer is the same greedy chain of
+#   thought generated in another run (other batches, so bf16 roundings differ and near-ties flip), which
+#   scored 29.0% where the chain-of-thought row scored 31.0% (printed above). Two greedy runs of one
+#   prompt differing by 10 against 20 questions is the churn of section 12's exercise 1, not a skill.
+#   Its minutes count generation only; re-scoring the revisions as first answers (the confidence it
+#   compares) took roughly 20 minutes more, an estimate from the log's pace, not a recorded time.
 # - **GRPO changed nothing measurable.** The trained model answered exactly as many questions as greedy
 #   chain of thought, 31.0%, with 37 gained and 37 lost (p = 1.00), in slightly shorter answers (271
 #   against 288 tokens), as on the 200 questions of section 12. Against self-consistency it gained 29
-#   and lost 47 (p = 0.050): at a tenth of the inference compute it is where greedy decoding was, about
-#   3.6 points behind the vote.
+#   and lost 47 (p = 0.0505, at the threshold, not below it): at a tenth of the inference compute it is
+#   where greedy decoding was, 3.6 points behind the vote.
 #
 # So, on this budget (32 GRPO steps on 42 training questions, about 100 minutes of a 2-core CPU), RL
 # training did not beat inference-time scaling: sampling ten answers and voting did better than the
@@ -2888,19 +2907,21 @@ if book_table and len(book_table["rows"]) == 5:
 # this run, not about GRPO: DeepSeekMath's GRPO stage sampled 64 answers for each of about 144,000
 # GSM8K- and MATH-style questions (Shao et al. 2024), and section 12 costs out a single GPU's run.
 #
-# The whole table took about 5.2 CPU hours (the column above, summed; the self-consistency row reuses
-# chapter 3's first 200 questions, counted at their share of that run's time, and about 20 of its
-# minutes were slowed by other work on the machine). A MATH-500 column would cost more: answers there
-# are longer (369 tokens per question for the base model in chapter 2, where it scored 8.0% on 100
-# problems), so the five rows on all 500 problems would take about 6-7 CPU hours at this table's
-# rates, self-consistency alone about 3.5. It is not in this book's budget; the greedy rows (base,
-# chain of thought, GRPO, about half an hour each) are the affordable first step.
+# The "CPU min" column is wall-clock minutes of generation on the 2-core machine, summed over the
+# questions; the whole table took about 5.2 such hours. The self-consistency row reuses chapter 3's
+# samples for the first 200 questions, counted at their share of that run's time, and for about 20
+# minutes of its run other work shared the machine, so its time is somewhat inflated. A MATH-500
+# column would cost more: the base model's answers there are longer (369 tokens per problem in
+# chapter 2, against 281 here; it scored 8.0% on 100 problems), so, if time grows with the tokens
+# generated, the five rows on all 500 problems would take about 6-7 hours at this table's rates,
+# self-consistency alone about 3.5. That is not in this book's budget; the greedy rows (base, chain of
+# thought, GRPO, about 20 minutes each) are the affordable first step.
 #
 # For context only: Qwen reports 49.6% on GSM8K for Qwen2.5-0.5B-Instruct (Qwen2.5 technical report,
 # 2024). That is another model (the general instruct model, where this book uses the Coder variant,
 # and unquantized, where ours comes from a 4-8 bit GGUF file), measured with Qwen's own prompts,
 # answer extraction and harness on the GSM8K test set. It is not a row of this table, and the gap
-# says nothing about either harness.
+# cannot be credited to the model, the quantization or the harness separately.
 
 # %% [markdown]
 # ## Summary
@@ -2920,9 +2941,9 @@ if book_table and len(book_table["rows"]) == 5:
 # questions and steps (the GPU settings above), and a larger learning rate (the GSM8K pilot ran
 # $3 \times 10^{-6}$ stably for 6 steps, the last two at the full rate, with 2.5 times the KL to the
 # start). The book's results table (section 14) repeats the comparison on 500 questions: the trained
-# model still equals greedy chain of thought (31.0% both; 37 gained, 37 lost), and self-consistency's
-# lead is now significant (34.6%; against chain of thought 36 gained, 18 lost, p = 0.020; against the
-# trained model 47 gained, 29 lost, p = 0.050).
+# model still equals greedy chain of thought (31.0% both; 37 gained, 37 lost, n = 500, p = 1.00), and
+# self-consistency's lead over chain of thought is now significant (34.6%; 36 gained, 18 lost,
+# p = 0.020); against the trained model it is at the threshold (47 gained, 29 lost, p = 0.0505).
 #
 # ## Exercises
 #
