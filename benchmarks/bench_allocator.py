@@ -42,25 +42,9 @@ def child(smoke: bool) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_packing import run_layout, separate_batches, workload
+    from bench_packing import run_layout, setup
 
-    from rlscratch.data import load_gsm8k
-    from rlscratch.generate import pack_for_cpu
-    from rlscratch.model import OFFLINE_MODEL, load_model, resolve_dtype
-    from rlscratch.train import make_config, micro_batches
-
-    if smoke:
-        model, tokenizer = load_model("tiny-random", dtype=torch.float32)
-        lengths, questions = (5, 20), ["What is 2 + 3?", "Tom has 4 apples and eats one. How many are left?"]
-    else:
-        model, tokenizer = load_model(OFFLINE_MODEL, dtype=torch.float32)
-        lengths, questions = (120, 300), [p.question for p in load_gsm8k("train", limit=4)]
-    pack_for_cpu(model)
-    bf16 = resolve_dtype("auto") == torch.bfloat16 and not smoke
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    rollouts = workload(tokenizer, questions, 8, lengths)
-    cfg = make_config("grpo", "gsm8k", micro_batch_size=4)
-    separate, packed = separate_batches(rollouts, 4), micro_batches(rollouts, cfg, pad_id=0)
+    model, _, separate, packed, autocast, bf16 = setup(smoke)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t_ref, values = run_layout(model, "packed", separate, packed, autocast, grad=False)

@@ -75,26 +75,32 @@ def run_layout(model, layout: str, separate, packed, autocast, grad: bool) -> tu
     return time.perf_counter() - t0, values
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny random model, a few tokens")
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+def setup(smoke: bool):
+    """The benchmark's model (prepared as in training) and workload: (model, rollouts, separate micro-batches,
+    packed micro-batches, autocast context factory, whether bf16 is used)."""
     from rlscratch.data import load_gsm8k
 
-    if args.smoke:
+    if smoke:
         model, tokenizer = load_model("tiny-random", dtype=torch.float32)
         lengths, questions = (5, 20), ["What is 2 + 3?", "Tom has 4 apples and eats one. How many are left?"]
     else:
         model, tokenizer = load_model(OFFLINE_MODEL, dtype=torch.float32)
         lengths, questions = (120, 300), [p.question for p in load_gsm8k("train", limit=4)]
     pack_for_cpu(model)
-    bf16 = resolve_dtype("auto") == torch.bfloat16 and not args.smoke
+    bf16 = resolve_dtype("auto") == torch.bfloat16 and not smoke
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     rollouts = workload(tokenizer, questions, 8, lengths)
     cfg = make_config("grpo", "gsm8k", micro_batch_size=4)
-    separate, packed = separate_batches(rollouts, 4), micro_batches(rollouts, cfg, pad_id=0)
+    return model, rollouts, separate_batches(rollouts, 4), micro_batches(rollouts, cfg, pad_id=0), autocast, bf16
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny random model, a few tokens")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    model, rollouts, separate, packed, autocast, bf16 = setup(args.smoke)
     positions = {"separate": sum(b.input_ids.numel() for b, _ in separate),
                  "packed": sum(mb.input_ids.numel() for mb in packed)}
     best: dict[str, dict[str, float]] = {k: {"reference": float("inf"), "policy": float("inf")} for k in positions}
