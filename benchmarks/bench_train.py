@@ -13,7 +13,9 @@ The workload is one GRPO-like optimizer step: every sequence is a 128-token prom
 completion; the loss is the advantage-weighted mean log-probability of the completion tokens (exactly
 what chapter 6 optimizes, without the clipping arithmetic, which costs nothing next to the model).
 Both engines hold the same float32 master weights and run their matrix products in the same type:
-bf16 under `torch.autocast` where the CPU computes bf16 natively, float32 elsewhere.
+bf16 under `torch.autocast` where the CPU computes bf16 natively, float32 elsewhere. Both take the
+training loop's optimizer (AdamW, fused) and run under its memory allocator (tcmalloc where installed,
+as `python -m rlscratch.train` does; `--allocator system` keeps glibc's malloc).
 
 * rlscratch: log-probs through `rlscratch.grpo.sequence_logprobs` (the 152k-vocabulary head applied a
   chunk of positions at a time, never materialising all logits), fused q/k/v and gate/up products;
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 
 from rlscratch.model import OFFLINE_MODEL, describe_hardware, hf_reference, load_model, resolve_dtype
+from rlscratch.train import allocator_environment
 
 CONFIGS = {
     "rlscratch": dict(engine="ours", checkpointing=False),
@@ -80,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing = config["checkpointing"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as rlscratch.train builds it
     g = torch.Generator().manual_seed(0)
     B, P, C = args.batch, args.prompt_tokens, args.completion_tokens
     ids = torch.randint(0, vocab, (B, P + C), generator=g)
@@ -128,6 +131,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps per child (after one warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the configurations")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    parser.add_argument("--allocator", choices=("training", "system"), default="training",
+                        help="training: the allocator python -m rlscratch.train picks (tcmalloc where installed); "
+                             "system: glibc's malloc")
     parser.add_argument("--child", dest="config", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.json"))
     args = parser.parse_args()
@@ -139,6 +145,14 @@ def main() -> None:
     hardware = describe_hardware()
     compute = resolve_dtype("auto")
     peak = matmul_peak(compute)
+    environment = dict(os.environ)
+    if args.allocator == "system":
+        environment["LD_PRELOAD"] = ":".join(p for p in environment.get("LD_PRELOAD", "").split(":")
+                                             if p and "tcmalloc" not in p)
+    else:
+        environment = allocator_environment(environment) or environment
+    allocator = "tcmalloc" if "tcmalloc" in environment.get("LD_PRELOAD", "") else "glibc malloc"
+    print(f"allocator for every configuration: {allocator}")
     print(f"{hardware}\nmatrix products in {compute} (float32 master weights); measured matmul peak "
           f"{peak / 1e9:.0f} GFLOP/s; {args.batch} x ({args.prompt_tokens} + {args.completion_tokens}) tokens", flush=True)
     configs = [c.strip() for c in args.configs.split(",")]
@@ -151,7 +165,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", name, "--model", args.model, "--batch", str(args.batch),
                        "--prompt-tokens", str(args.prompt_tokens), "--completion-tokens", str(args.completion_tokens),
                        "--steps", str(args.steps)]
-            done = subprocess.run(command, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True, env=environment)
             if done.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -173,7 +187,8 @@ def main() -> None:
     print("\n" + "\n".join(f"{k}: {v:.2f}" for k, v in summary.items()))
     if args.out != os.devnull:
         result = {"date": datetime.date.today().isoformat(), "machine": hardware, "compute_dtype": str(compute)[6:],
-                  "matmul_peak_GFLOPs": peak / 1e9, "model": args.model, "batch": args.batch,
+                  "matmul_peak_GFLOPs": peak / 1e9, "allocator": allocator, "optimizer": "AdamW (fused)",
+                  "model": args.model, "batch": args.batch,
                   "prompt_tokens": args.prompt_tokens, "completion_tokens": args.completion_tokens,
                   "rows": best, "summary": summary}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,32 @@ class Qwen2Config:
 SUPPORTED_ARCHITECTURES = {"qwen2", "qwen3", "llama"}
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / rms(x) over the last axis, in float32 at least, and the factor 1 / rms(x) per row."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    inv_rms = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return wide * inv_rms, inv_rms
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * normalize(x), keeping only x and 1/rms(x) for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        normed, inv_rms = rms_normalize(x, eps)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * normed.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, inv_rms = ctx.saved_tensors
+        normed = x.to(inv_rms.dtype) * inv_rms  # rebuilt, not stored
+        grad_weight = (grad * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0, dtype=inv_rms.dtype)
+        g = (grad * weight).to(inv_rms.dtype)  # the gradient arriving at the normalized vector
+        grad_x = inv_rms * (g - normed * (g * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -73,9 +99,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.eps)  # training: lean on memory
+        return self.weight * rms_normalize(x, self.eps)[0].to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -132,6 +158,29 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
+class SwiGLUDown(torch.autograd.Function):
+    """down(silu(gate) * up) from the fused gate/up output, keeping only that output (and the down weight)
+    for the backward pass: the product is rebuilt there instead of stored."""
+
+    @staticmethod
+    def forward(ctx, gate_up, down_weight):
+        ctx.save_for_backward(gate_up, down_weight)
+        gate, up = gate_up.chunk(2, -1)
+        return F.linear(F.silu(gate) * up, down_weight.to(gate_up.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, down_weight = ctx.saved_tensors
+        weight, grad = down_weight.to(gate_up.dtype), grad.to(gate_up.dtype)
+        gate, up = gate_up.chunk(2, -1)
+        silu = F.silu(gate)
+        hidden = silu * up  # exactly the forward's product, rebuilt
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ hidden.reshape(-1, hidden.shape[-1])
+        grad_hidden = grad @ weight
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)  # times silu'(gate), in one kernel
+        return torch.cat([grad_gate, grad_hidden * silu], -1), grad_weight.to(down_weight.dtype)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -141,7 +190,11 @@ class MLP(nn.Module):
                                                        fused="gate_up_proj"))
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        gate_up = self.gate_up_proj(x)
+        weight = self.down_proj.weight
+        if torch.is_grad_enabled() and (gate_up.requires_grad or weight.requires_grad):
+            return SwiGLUDown.apply(gate_up, weight)  # training: lean on memory
+        gate, up = gate_up.chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -497,6 +550,15 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def amd_core_name(family: int, model: int) -> str | None:
+    """The AMD core generation of a /proc/cpuinfo family and model number (Zen 3, 4 or 5), else None."""
+    if family == 0x1A:
+        return "Zen 5"
+    if family == 0x19:
+        return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else "Zen 3"
+    return None
+
+
 def describe_hardware() -> str:
     """One line naming the CPU (and GPU) a measurement came from, e.g. for tables of timings."""
     import platform
@@ -504,9 +566,14 @@ def describe_hardware() -> str:
     name, flags = platform.processor() or platform.machine(), ""
     try:
         info = Path("/proc/cpuinfo").read_text()
-        name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), name)
+        fields = dict(line.split(":", 1) for line in info.splitlines()[:30] if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        name = fields.get("model name", name)
+        core = amd_core_name(int(fields.get("cpu family", -1)), int(fields.get("model", -1)))
+        if fields.get("vendor_id") == "AuthenticAMD" and core:  # "AMD EPYC" alone does not say which
+            name += f" ({core}, family {fields['cpu family']} model {fields['model']})"
         flags = info
-    except OSError:
+    except (OSError, ValueError):
         pass
     features = ("AVX-512 with native bf16" if cpu_has_native_bf16() else
                 "AVX-512 without bf16" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2/AVX-512")

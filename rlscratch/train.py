@@ -40,8 +40,8 @@ from rlscratch.evaluate import EvalSettings, evaluate, summarize
 from rlscratch.generate import Completion, derive_seed, generate, pack_for_cpu, release_packed_weights
 from rlscratch.grpo import (ADVANTAGE_SCALES, AGGREGATIONS, KL_ESTIMATORS, group_advantages, grpo_loss,
                             head_logprobs, loss_normalizer)
-from rlscratch.model import (OFFLINE_MODEL, Qwen2Model, cache_dir, hf_reference, hf_state_dict, load_model,
-                             resolve_dtype)
+from rlscratch.model import (OFFLINE_MODEL, Qwen2Model, cache_dir, describe_hardware, hf_reference, hf_state_dict,
+                             load_model, resolve_dtype)
 from rlscratch.prompts import TEMPLATES, format_prompt, stop_strings
 from rlscratch.verify import score_response
 
@@ -682,6 +682,10 @@ def update_step(model, batches: list[MicroBatch], normalizer: float, cfg: TrainC
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
+    # A fused AdamW writes the weights without counting the write in their version counters, which the
+    # packed weights of generation and `weights_fingerprint` read to notice that weights changed: count it.
+    if optimizer.defaults.get("fused"):
+        torch.autograd.graph.increment_version(params)
     sums = dist.sum(sums)
     n = sums["tokens"]
     return {"loss": sums["loss"], "grad_norm": float(grad_norm), "tokens_trained": n,
@@ -1077,8 +1081,10 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
     policy = wrap_policy(model, cfg, dist, device)  # DDP, FSDP (the model itself, sharded), or the model
     if reference is not None and cfg.fsdp:
         shard_model(reference)
+    # fused: one pass over each parameter, its gradient and both moments, instead of a dozen passes through
+    # full-size temporaries (FSDP's sharded parameters keep PyTorch's default)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=None if cfg.fsdp else True)
     scheduler = make_scheduler(optimizer, cfg, total_steps * cfg.updates_per_batch)
     if state is not None:
         load_policy_state(model, optimizer, state["optimizer"])
@@ -1088,7 +1094,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
         epochs_done, last_eval = state["epochs_done"], state["last_eval"]
         log(f"resuming {run_dir} from step {step}")
         del state
-    runlog = None
+    runlog, machine = None, describe_hardware()  # every step's record names the CPU its times come from
     if dist.is_main:
         _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r["optimizer_step"] <= optimizer_step)
         _truncate_jsonl(run_dir / "evals.jsonl", lambda r: bool(checkpoints) and r["step"] <= step)
@@ -1172,7 +1178,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
                 runlog.write({**common, "optimizer_step": optimizer_step, "update": update, "lr": lr, **stats,
                               "time_generation": t_gen if update == 0 else 0.0,
                               "time_reference": t_ref if update == 0 else 0.0,
-                              "time_policy": time.perf_counter() - t0,
+                              "time_policy": time.perf_counter() - t0, "machine": machine,
                               "generated_tokens_per_s": sum(lengths) / t_gen if update == 0 and t_gen > 0 else None})
         log(f"step {step}/{total_steps}: reward {common['reward_mean']:.3f} zero-signal "
             f"{common['zero_signal_fraction']:.0%} length {common['response_length']:.0f} loss {stats['loss']:+.4f} "

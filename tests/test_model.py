@@ -259,3 +259,77 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model.gradient_checkpointing = False
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_hand_written_backward_passes_match_finite_differences():
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    gain = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: M.RMSNormFunction.apply(x, w, 1e-6), (x, gain))
+    gate_up = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(M.SwiGLUDown.apply, (gate_up, down))
+
+
+def test_gradients_match_transformers():
+    """Our hand-written RMSNorm and SwiGLU backward passes give transformers' (plain autograd) gradients."""
+    hf, ours = hf_pair("qwen2")
+    torch.manual_seed(5)
+    ids = torch.randint(0, 512, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    for model, logits in ((ours, lambda: ours(ids, attention_mask=mask)),
+                          (hf, lambda: hf(input_ids=ids, attention_mask=mask).logits)):
+        model.zero_grad()
+        (logits()[mask.bool()].logsumexp(-1) * torch.linspace(-1, 1, int(mask.sum()))).sum().backward()
+    theirs = {n: p.grad for n, p in hf.named_parameters()}
+    layer = ours.layers[1]
+    pairs = [(layer.input_layernorm.weight.grad, theirs["model.layers.1.input_layernorm.weight"]),
+             (layer.post_attention_layernorm.weight.grad, theirs["model.layers.1.post_attention_layernorm.weight"]),
+             (layer.mlp.down_proj.weight.grad, theirs["model.layers.1.mlp.down_proj.weight"]),
+             (layer.mlp.gate_up_proj.weight.grad, torch.cat([theirs["model.layers.1.mlp.gate_proj.weight"],
+                                                             theirs["model.layers.1.mlp.up_proj.weight"]])),
+             (ours.embed_tokens.weight.grad, theirs["model.embed_tokens.weight"])]
+    for a, b in pairs:
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+
+def test_training_keeps_less_for_the_backward_pass():
+    """RMSNorm and the MLP keep their inputs only: at most ~half of what plain operations would keep."""
+    torch.manual_seed(6)
+    cfg = M.tiny_config(vocab_size=512)
+    mlp, norm = M.MLP(cfg), M.RMSNorm(cfg.hidden_size)
+    x = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
+
+    weights = {p.untyped_storage().data_ptr() for p in [*mlp.parameters(), *norm.parameters()]}
+
+    def kept(fn) -> int:
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x)
+        return sum(storages.values())
+
+    def plain_mlp(x):
+        gate, up = mlp.gate_up_proj(x).chunk(2, -1)
+        return mlp.down_proj(torch.nn.functional.silu(gate) * up)
+
+    def plain_norm(x):
+        x32 = x.float()
+        return norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+    assert torch.allclose(mlp(x), plain_mlp(x), atol=1e-6) and torch.allclose(norm(x), plain_norm(x), atol=1e-6)
+    assert kept(mlp) <= 0.6 * kept(plain_mlp)
+    assert kept(norm) <= 0.6 * kept(plain_norm)
+
+
+def test_amd_core_generations_are_named():
+    assert M.amd_core_name(0x19, 0x01) == "Zen 3" and M.amd_core_name(0x19, 0x21) == "Zen 3"
+    assert M.amd_core_name(0x19, 0x11) == "Zen 4" and M.amd_core_name(0x19, 0xA0) == "Zen 4"
+    assert M.amd_core_name(0x1A, 0x02) == "Zen 5"
+    assert M.amd_core_name(6, 0x8F) is None  # an Intel family

@@ -175,6 +175,18 @@ SUPPORTED_ARCHITECTURES = {"qwen2", "qwen3", "llama"}
 # computed in float32 even when the model runs in bfloat16, because squaring bf16 numbers loses
 # too many bits.
 #
+# This chapter only runs the model forward, but chapters 5 and 6 train it, and then PyTorch's autograd
+# keeps, for the backward pass, every intermediate tensor that some derivative needs. Written as
+# plain operations, RMSNorm would leave behind a float32 copy of its input *and* of its normalized
+# output. Both are cheap to rebuild, so `RMSNormFunction` writes the derivative by hand and keeps only
+# the input and one number per row, 1/rms. With n = x/rms(x) and g the gradient arriving at n
+# (the incoming gradient times the gain), the input's gradient is
+#
+# $$\frac{\partial L}{\partial x} = \frac{1}{\mathrm{rms}(x)}\Big(g - n\,\overline{(g \odot n)}\Big),$$
+#
+# where the bar is the mean over the hidden dimension: the gradient of dividing by the rms, minus
+# the part that would only change the vector's length, which normalization removes anyway.
+#
 # Rotary embeddings encode position by *rotating* pairs of coordinates of each query and key by an
 # angle proportional to the position. The dot product of a query at position *m* and a key at *n*
 # then depends only on *m − n*. Qwen pairs coordinate *i* with *i + d/2* (the "rotate half"
@@ -182,6 +194,32 @@ SUPPORTED_ARCHITECTURES = {"qwen2", "qwen3", "llama"}
 
 # %%
 #| export: model
+def rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / rms(x) over the last axis, in float32 at least, and the factor 1 / rms(x) per row."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    inv_rms = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return wide * inv_rms, inv_rms
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * normalize(x), keeping only x and 1/rms(x) for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        normed, inv_rms = rms_normalize(x, eps)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * normed.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, inv_rms = ctx.saved_tensors
+        normed = x.to(inv_rms.dtype) * inv_rms  # rebuilt, not stored
+        grad_weight = (grad * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0, dtype=inv_rms.dtype)
+        g = (grad * weight).to(inv_rms.dtype)  # the gradient arriving at the normalized vector
+        grad_x = inv_rms * (g - normed * (g * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -189,9 +227,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.eps)  # training: lean on memory
+        return self.weight * rms_normalize(x, self.eps)[0].to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -210,12 +248,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # %% [markdown]
-# Two quick checks: RMSNorm output has unit RMS (with unit gain), and rotary embeddings preserve
+# Three quick checks: RMSNorm output has unit RMS (with unit gain), its hand-written derivative agrees
+# with finite differences (`torch.autograd.gradcheck`, in float64), and rotary embeddings preserve
 # vector norms and make q·k depend only on the distance between positions.
 
 # %%
 x = torch.randn(2, 5, 64)
 assert torch.allclose(RMSNorm(64)(x).pow(2).mean(-1), torch.ones(2, 5), atol=1e-4)
+x64 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+gain = torch.randn(8, dtype=torch.float64, requires_grad=True)
+assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), (x64, gain))
 
 q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
 
@@ -330,6 +372,46 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
+# %% [markdown]
+# The MLP is the widest part of a block: its gate and up projections go from 896 to 4,864 dimensions
+# each, and `silu(gate) * up` is 4,864 wide again. Trained with plain operations, autograd would keep
+# the gate/up output, `silu(gate)`, and the product (which the down projection needs for its weight
+# gradient): three tensors of that width per token and layer, most of a block's activation memory.
+# Only the first is needed, since the other two are two element-wise operations away from it.
+# `SwiGLUDown` runs `down(silu(gate) * up)` as one autograd function that keeps the gate/up output and
+# the down weight, and rebuilds the product in the backward pass. With s = sigmoid(gate), h = silu(gate) · up
+# and δ the gradient arriving at h (the incoming gradient times the down weight):
+# ∂L/∂up = δ · silu(gate) and ∂L/∂gate = δ · up · s · (1 + gate · (1 − s)); the last factor is
+# what PyTorch's own `silu_backward` kernel computes, so the function calls it.
+#
+# Under `torch.autocast` (bf16 products on float32 master weights, chapters 5-6), the function casts
+# the float32 weight itself, as autocast would, and returns its gradient in float32.
+
+# %%
+#| export: model
+class SwiGLUDown(torch.autograd.Function):
+    """down(silu(gate) * up) from the fused gate/up output, keeping only that output (and the down weight)
+    for the backward pass: the product is rebuilt there instead of stored."""
+
+    @staticmethod
+    def forward(ctx, gate_up, down_weight):
+        ctx.save_for_backward(gate_up, down_weight)
+        gate, up = gate_up.chunk(2, -1)
+        return F.linear(F.silu(gate) * up, down_weight.to(gate_up.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, down_weight = ctx.saved_tensors
+        weight, grad = down_weight.to(gate_up.dtype), grad.to(gate_up.dtype)
+        gate, up = gate_up.chunk(2, -1)
+        silu = F.silu(gate)
+        hidden = silu * up  # exactly the forward's product, rebuilt
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ hidden.reshape(-1, hidden.shape[-1])
+        grad_hidden = grad @ weight
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)  # times silu'(gate), in one kernel
+        return torch.cat([grad_gate, grad_hidden * silu], -1), grad_weight.to(down_weight.dtype)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -339,7 +421,11 @@ class MLP(nn.Module):
                                                        fused="gate_up_proj"))
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        gate_up = self.gate_up_proj(x)
+        weight = self.down_proj.weight
+        if torch.is_grad_enabled() and (gate_up.requires_grad or weight.requires_grad):
+            return SwiGLUDown.apply(gate_up, weight)  # training: lean on memory
+        gate, up = gate_up.chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -363,6 +449,49 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+
+# %% [markdown]
+# Two checks of `SwiGLUDown`: its gradients against finite differences in float64, and what it saves.
+# `torch.autograd.graph.saved_tensors_hooks` sees every tensor autograd stores for the backward pass;
+# we add up their distinct storages (weights excluded) for one MLP of the real model's width on 256
+# tokens, written as plain operations and as `MLP`.
+
+# %%
+gate_up64 = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+down64 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+assert torch.autograd.gradcheck(SwiGLUDown.apply, (gate_up64, down64))
+
+
+def activation_bytes(fn, x: torch.Tensor, module: nn.Module) -> int:
+    """Bytes of the distinct tensors (parameters excluded) autograd keeps for the backward pass of fn(x)."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(kept.values())
+
+
+wide_mlp = MLP(Qwen2Config(hidden_size=896, intermediate_size=4864))
+x = torch.randn(1, 256, 896, requires_grad=True)
+
+
+def plain_mlp(x):
+    gate, up = wide_mlp.gate_up_proj(x).chunk(2, -1)
+    return wide_mlp.down_proj(F.silu(gate) * up)
+
+
+plain_bytes, lean_bytes = activation_bytes(plain_mlp, x, wide_mlp), activation_bytes(wide_mlp, x, wide_mlp)
+assert torch.allclose(plain_mlp(x), wide_mlp(x), atol=1e-5)
+print(f"kept for backward, 256 tokens: plain {plain_bytes / 2**20:.1f} MiB, SwiGLUDown {lean_bytes / 2**20:.1f} MiB "
+      f"({plain_bytes / 256 / 4:,.0f} vs {lean_bytes / 256 / 4:,.0f} float32 numbers per token)")
+assert lean_bytes < 0.6 * plain_bytes
 
 # %% [markdown]
 # ### The whole model, and the attention mask
@@ -771,7 +900,10 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype | str = "auto", d
 # weights and let `torch.autocast` run the matrix products in bf16 where that is native; the engine
 # follows autocast too.
 #
-# Two more small tools live here. `weights_fingerprint(model)` names the weights a result came
+# Three more small tools live here. `describe_hardware()` writes the one line that goes with every
+# timing in this book; for AMD processors it adds the core generation read from the family and model
+# numbers, because the name the CPU reports ("AMD EPYC") covers Zen 3, Zen 4 and Zen 5 machines
+# whose matrix products differ by more than twofold. `weights_fingerprint(model)` names the weights a result came
 # from: the checkpoint file's SHA-256 for a freshly loaded model, a hash of the current tensors once
 # they have changed (after a training step, say), so cached evaluation records of the base model
 # are never mistaken for a trained model's.
@@ -790,6 +922,15 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def amd_core_name(family: int, model: int) -> str | None:
+    """The AMD core generation of a /proc/cpuinfo family and model number (Zen 3, 4 or 5), else None."""
+    if family == 0x1A:
+        return "Zen 5"
+    if family == 0x19:
+        return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else "Zen 3"
+    return None
+
+
 def describe_hardware() -> str:
     """One line naming the CPU (and GPU) a measurement came from, e.g. for tables of timings."""
     import platform
@@ -797,9 +938,14 @@ def describe_hardware() -> str:
     name, flags = platform.processor() or platform.machine(), ""
     try:
         info = Path("/proc/cpuinfo").read_text()
-        name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), name)
+        fields = dict(line.split(":", 1) for line in info.splitlines()[:30] if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        name = fields.get("model name", name)
+        core = amd_core_name(int(fields.get("cpu family", -1)), int(fields.get("model", -1)))
+        if fields.get("vendor_id") == "AuthenticAMD" and core:  # "AMD EPYC" alone does not say which
+            name += f" ({core}, family {fields['cpu family']} model {fields['model']})"
         flags = info
-    except OSError:
+    except (OSError, ValueError):
         pass
     features = ("AVX-512 with native bf16" if cpu_has_native_bf16() else
                 "AVX-512 without bf16" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2/AVX-512")
