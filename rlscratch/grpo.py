@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 AGGREGATIONS = ("sequence", "token", "constant")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -71,8 +72,9 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     """Per-token log-probs (B, T) of the completion tokens under `model`; 0 where `completion_mask` is 0.
 
     Entry t is log p(input_ids[:, t] | input_ids[:, :t]) at `temperature`, in float32. Only positions
-    that predict a completion token go through the vocabulary head, `chunk_size` at a time (`head_logprobs`):
-    the (B, T, vocab) logits never exist, in the forward or the backward. `model(ids, attention_mask=..., return_hidden=True)` must return the final
+    that predict a completion token go through the vocabulary head, `chunk_size` at a time and, when
+    gradients are on, under activation checkpointing: the (B, T, vocab) logits never exist, in the
+    forward or the backward. `model(ids, attention_mask=..., return_hidden=True)` must return the final
     hidden states (B, T, hidden) and `model.lm_head` map them to logits.
     """
     if not input_ids.shape == attention_mask.shape == completion_mask.shape or input_ids.dim() != 2:
@@ -95,61 +97,20 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
 def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, *,
                   temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
     """log p(targets[i] | states[i]) (N,) in float32 from final hidden states (N, hidden), through the
-    vocabulary head `chunk_size` rows at a time: no more than one chunk of logits exists at once. With
-    gradients on, `VocabHeadLogprobs` keeps only the states and each row's log-normaliser for the backward."""
+    vocabulary head `chunk_size` rows at a time, each chunk recomputed in the backward pass when
+    gradients are on (activation checkpointing), so no more than one chunk of logits exists at once."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if getattr(lm_head, "bias", None) is not None:
-        raise ValueError("head_logprobs expects a vocabulary head without bias")
-    if torch.is_grad_enabled() and (states.requires_grad or lm_head.weight.requires_grad):
-        return VocabHeadLogprobs.apply(states, lm_head.weight, targets, temperature, chunk_size)
-    pieces = [token_logprobs(lm_head(states[i:i + chunk_size]), targets[i:i + chunk_size], temperature=temperature)
+
+    def head(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(lm_head(h), y, temperature=temperature)
+
+    track = torch.is_grad_enabled() and (states.requires_grad or lm_head.weight.requires_grad)
+    pieces = [checkpoint(head, states[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False) if track
+              else head(states[i:i + chunk_size], targets[i:i + chunk_size])
               for i in range(0, states.shape[0], chunk_size)]
     dtype = torch.promote_types(states.dtype, torch.float32)
     return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=dtype)
-
-
-class VocabHeadLogprobs(torch.autograd.Function):
-    """log softmax(states @ weight.T / temperature) at `targets`, chunk by chunk, with the backward written out:
-    it keeps the states (in the compute dtype), the weight's compute-dtype copy and log Z per row."""
-
-    @staticmethod
-    def forward(ctx, states, weight, targets, temperature, chunk_size):
-        device = states.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
-        wide = torch.promote_types(dtype, torch.float32)  # softmax arithmetic in float32 at least
-        h, w = states.to(dtype), weight.to(dtype)  # under autocast: the float32 head cast to bf16 once per call
-        log_z, chosen = [], []
-        for i in range(0, h.shape[0], chunk_size):
-            z = (h[i:i + chunk_size] @ w.T).to(wide) / temperature
-            log_z.append(torch.logsumexp(z, -1))
-            chosen.append(z.gather(-1, targets[i:i + chunk_size, None].long())[:, 0])
-        log_z = torch.cat(log_z) if log_z else h.new_zeros(0, dtype=wide)
-        ctx.save_for_backward(h, w, targets, log_z)
-        ctx.temperature, ctx.chunk_size, ctx.dtypes = temperature, chunk_size, (states.dtype, weight.dtype)
-        return (torch.cat(chosen) if chosen else log_z) - log_z
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, w, targets, log_z = ctx.saved_tensors
-        scale = (grad.to(log_z.dtype) / ctx.temperature)[:, None]  # g / tau per row
-        grad_states, grad_weight = torch.empty_like(h), None
-        block = 4 * ctx.chunk_size  # rows whose logit gradients are held at once, for two large products
-        for start in range(0, h.shape[0], block):
-            stop = min(start + block, h.shape[0])
-            grad_logits = torch.empty(stop - start, w.shape[0], dtype=h.dtype, device=h.device)
-            for i in range(start, stop, ctx.chunk_size):
-                rows, out = slice(i, min(i + ctx.chunk_size, stop)), slice(i - start, min(i + ctx.chunk_size, stop) - start)
-                z = (h[rows] @ w.T).to(log_z.dtype) / ctx.temperature  # the chunk's logits, rebuilt
-                g = z.sub_(log_z[rows, None]).exp_().mul_(-scale[rows])  # -(g / tau) * softmax
-                grad_logits[out] = g.scatter_add_(1, targets[rows, None].long(), scale[rows])  # + g / tau at the target
-            grad_states[start:stop] = grad_logits @ w
-            part = (grad_logits.T @ h[start:stop]).to(ctx.dtypes[1])
-            grad_weight = part if grad_weight is None else grad_weight.add_(part)
-        if grad_weight is None:  # no rows at all
-            grad_weight = torch.zeros(w.shape, dtype=ctx.dtypes[1], device=w.device)
-        return (grad_states.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
-                grad_weight if ctx.needs_input_grad[1] else None, None, None, None)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
