@@ -682,10 +682,6 @@ def update_step(model, batches: list[MicroBatch], normalizer: float, cfg: TrainC
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
-    # A fused AdamW writes the weights without counting the write in their version counters, which the
-    # packed weights of generation and `weights_fingerprint` read to notice that weights changed: count it.
-    if optimizer.defaults.get("fused"):
-        torch.autograd.graph.increment_version(params)
     sums = dist.sum(sums)
     n = sums["tokens"]
     return {"loss": sums["loss"], "grad_norm": float(grad_norm), "tokens_trained": n,
@@ -1081,10 +1077,8 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
     policy = wrap_policy(model, cfg, dist, device)  # DDP, FSDP (the model itself, sharded), or the model
     if reference is not None and cfg.fsdp:
         shard_model(reference)
-    # fused: one pass over each parameter, its gradient and both moments, instead of a dozen passes through
-    # full-size temporaries (FSDP's sharded parameters keep PyTorch's default)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, fused=None if cfg.fsdp else True)
+                                  weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, total_steps * cfg.updates_per_batch)
     if state is not None:
         load_policy_state(model, optimizer, state["optimizer"])
