@@ -24,9 +24,10 @@ TIMING = ("time_generation", "time_reference", "time_policy", "generated_tokens_
 # draw the same token: a draw that falls within rounding of a boundary between two tokens can go either
 # way, and the runs part from there. With this toy's large learning rate that is not rare: seeds 1, 2 and 4
 # met one within 8 steps once chapter 6 packed answers, which moved the rounding (inputs, weights and
-# reference log-probs equal up to that draw); seeds 0 and 3 met none, for DDP and FSDP alike.
+# reference log-probs equal up to that draw); seed 3 met one at step 8 under FSDP once chapter 1's RMSNorm
+# and SwiGLU got hand-written backward passes; seed 0 met none, for DDP and FSDP alike.
 TOY = ["--model", "tiny-random", "--task", "toy", "--preset", "grpo", "--steps", "8", "--save-every", "4",
-       "--seed", "3", "--lr", "0.005", "--dtype", "float32", "--micro-batch-size", "4", "--eval-problems", "4",
+       "--seed", "0", "--lr", "0.005", "--dtype", "float32", "--micro-batch-size", "4", "--eval-problems", "4",
        "--wandb-mode", "disabled"]
 
 

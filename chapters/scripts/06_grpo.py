@@ -82,8 +82,11 @@ chapter_start = time.perf_counter()
 
 
 def shown(text: object) -> str:
-    """`text` as this notebook prints it: this machine's folders by name (WORK, ~), not as absolute paths."""
-    text = str(text).replace(str(WORK), "WORK")
+    """`text` as this notebook prints it: this machine's folders by name (WORK, ~) and the repository's
+    relative to its root, not as absolute paths."""
+    from rlscratch.results import REPO_ROOT
+
+    text = str(text).replace(str(WORK), "WORK").replace(str(REPO_ROOT) + os.sep, "")
     if os.environ.get("RLSCRATCH_CACHE"):
         text = text.replace(str(cache_dir()), "$RLSCRATCH_CACHE")
     return text.replace(str(Path.home()), "~")
