@@ -29,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-ALLOCATORS = {"glibc": None, "jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
-LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
+from rlscratch.train import LIBRARY_DIRS, TCMALLOC  # where the training command line looks for tcmalloc
+
+ALLOCATORS = {"glibc": None, "jemalloc": "libjemalloc.so.2", "tcmalloc": TCMALLOC}
 
 
 def find_library(name: str) -> str | None:
