@@ -14,7 +14,7 @@ completion; the loss is the advantage-weighted mean log-probability of the compl
 what chapter 6 optimizes, without the clipping arithmetic, which costs nothing next to the model).
 Both engines hold the same float32 master weights and run their matrix products in the same type:
 bf16 under `torch.autocast` where the CPU computes bf16 natively, float32 elsewhere. Both take the
-training loop's optimizer (AdamW) and run under its memory allocator (tcmalloc where installed,
+training loop's optimizer (fused AdamW, from `rlscratch.train.make_optimizer`) and run under its memory allocator (tcmalloc where installed,
 as `python -m rlscratch.train` does; `--allocator system` keeps glibc's malloc).
 
 * rlscratch: log-probs through `rlscratch.grpo.sequence_logprobs` (the 152k-vocabulary head applied a
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from rlscratch.model import OFFLINE_MODEL, describe_hardware, hf_reference, load_model, resolve_dtype
-from rlscratch.train import allocator_environment
+from rlscratch.train import allocator_environment, make_optimizer
 
 CONFIGS = {
     "rlscratch": dict(engine="ours", checkpointing=False),
@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing = config["checkpointing"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)  # as rlscratch.train builds it
+    optimizer = make_optimizer(model.parameters(), lr=1e-6)  # the training loop's: fused AdamW
     g = torch.Generator().manual_seed(0)
     B, P, C = args.batch, args.prompt_tokens, args.completion_tokens
     ids = torch.randint(0, vocab, (B, P + C), generator=g)
@@ -187,7 +187,7 @@ def main() -> None:
     print("\n" + "\n".join(f"{k}: {v:.2f}" for k, v in summary.items()))
     if args.out != os.devnull:
         result = {"date": datetime.date.today().isoformat(), "machine": hardware, "compute_dtype": str(compute)[6:],
-                  "matmul_peak_GFLOPs": peak / 1e9, "allocator": allocator, "optimizer": "AdamW (foreach)",
+                  "matmul_peak_GFLOPs": peak / 1e9, "allocator": allocator, "optimizer": "AdamW (fused)",
                   "model": args.model, "batch": args.batch,
                   "prompt_tokens": args.prompt_tokens, "completion_tokens": args.completion_tokens,
                   "rows": best, "summary": summary}

@@ -233,6 +233,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_upd
         lr_factor, warmup_steps=cfg.warmup_steps, total_steps=total_updates, min_lr_ratio=cfg.min_lr_ratio))
 
 
+def make_optimizer(params, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                   weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused into one pass per tensor where PyTorch has the kernel (CPU, CUDA); every step then
+    marks the weights as changed in place, as the unfused implementation does."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+    if fused:
+        trained = [p for p in params if p.requires_grad]
+        optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(trained))
+    return optimizer
+
+
 class Gsm8kTask:
     """GSM8K word problems; reward 1 when the final answer is right (chapter 2's scoring rule)."""
 
@@ -1077,8 +1090,8 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
     policy = wrap_policy(model, cfg, dist, device)  # DDP, FSDP (the model itself, sharded), or the model
     if reference is not None and cfg.fsdp:
         shard_model(reference)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                               weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, total_steps * cfg.updates_per_batch)
     if state is not None:
         load_policy_state(model, optimizer, state["optimizer"])

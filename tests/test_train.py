@@ -190,6 +190,31 @@ def test_the_update_runs_without_stale_packed_weights(tmp_path, monkeypatch):
     assert [n for what, n in seen if what == "update"] == [0, 0]
 
 
+def test_fused_adamw_matches_the_default_and_marks_the_weights_changed():
+    """The training loop's AdamW is fused; its steps equal the default (foreach) ones and, unlike a bare
+    fused step, bump the weights' version counters, which packed generation weights and
+    weights_fingerprint watch."""
+    from rlscratch.model import weights_fingerprint
+
+    net, _ = load_model("tiny-random", dtype=torch.float64)
+    twin = Qwen2Model(net.config).to(torch.float64)
+    twin.load_state_dict(net.state_dict())
+    fused = T.make_optimizer(net.parameters(), lr=1e-3, weight_decay=0.1)
+    default = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.1)
+    assert fused.defaults["fused"] and not default.defaults["fused"]
+    version, fingerprint = net.lm_head.weight._version, weights_fingerprint(net)
+    batch = torch.randint(0, net.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, optimizer in ((net, fused), (twin, default)):
+            model(batch).logsumexp(-1).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert net.lm_head.weight._version == version + 3
+    assert weights_fingerprint(net) != fingerprint
+
+
 def test_run_folder_with_other_settings_is_refused(tmp_path):
     cfg = toy_config(tmp_path, model=str(tmp_path / "no-such-model"))
     with pytest.raises(T.ConfigError, match="cannot load model"):

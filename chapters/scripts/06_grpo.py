@@ -397,6 +397,62 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# **The optimizer.** AdamW keeps two moving averages per weight. PyTorch's default implementation
+# updates them with a chain of whole-model operations (a square root of every second moment, a
+# division, an addition, ...), each pass reading and writing every tensor, and some allocating a
+# full-size temporary: 2.5 GB each for this model's 630 million float32 weights. Its *fused* kernel
+# does the whole update in one pass over each tensor, with no temporaries. One catch: the fused
+# kernel writes the weights without bumping their version counters, the numbers PyTorch keeps to
+# notice in-place changes, and two things in this book watch those counters: the packed generation
+# weights of chapter 1 (repacked when the weights change) and `weights_fingerprint`. A hook run after
+# every step bumps them.
+
+# %%
+#| export: train
+def make_optimizer(params, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                   weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused into one pass per tensor where PyTorch has the kernel (CPU, CUDA); every step then
+    marks the weights as changed in place, as the unfused implementation does."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+    if fused:
+        trained = [p for p in params if p.requires_grad]
+        optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(trained))
+    return optimizer
+
+
+# %% [markdown]
+# Check: three steps on the same gradients, fused and default, agree to rounding (in float64: in
+# float32, rounding noise in gradients that are zero in exact arithmetic, such as the key biases',
+# which a softmax ignores, is magnified by Adam into steps as large as real ones, so a float32
+# comparison would measure the noise, not the optimizer); a bare fused step leaves the version
+# counters as they were, and ours bumps them, so the fingerprint of the weights follows.
+
+# %%
+from rlscratch.model import weights_fingerprint  # noqa: E402
+
+net, _ = load_model("tiny-random", dtype=torch.float64)
+twin, bare = copy.deepcopy(net), copy.deepcopy(net)
+optimizers = {"fused + hook": (net, make_optimizer(net.parameters(), lr=1e-3)),
+              "default": (twin, torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.0)),  # foreach
+              "bare fused": (bare, torch.optim.AdamW(bare.parameters(), lr=1e-3, weight_decay=0.0, fused=True))}
+versions = {name: m.lm_head.weight._version for name, (m, _) in optimizers.items()}
+fingerprint = weights_fingerprint(net)
+batch = torch.randint(0, net.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+for _ in range(3):
+    for m, opt in optimizers.values():
+        m(batch).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+gap = max((a - b).abs().max().item() for a, b in zip(net.parameters(), twin.parameters()))
+bumps = {name: m.lm_head.weight._version - versions[name] for name, (m, _) in optimizers.items()}
+print(f"fused vs default AdamW after 3 steps (float64): max |difference| {gap:.1e}; "
+      f"in-place changes seen on lm_head.weight: {bumps}")
+assert gap < 1e-12 and bumps == {"fused + hook": 3, "default": 3, "bare fused": 0}
+assert weights_fingerprint(net) != fingerprint
+
+# %% [markdown]
 # ## 3. Tasks: GSM8K, and a toy a random model can learn
 #
 # A task says where the questions come from, how a question becomes a prompt, and what an answer
@@ -1655,8 +1711,8 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
     policy = wrap_policy(model, cfg, dist, device)  # DDP, FSDP (the model itself, sharded), or the model
     if reference is not None and cfg.fsdp:
         shard_model(reference)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                               weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, total_steps * cfg.updates_per_batch)
     if state is not None:
         load_policy_state(model, optimizer, state["optimizer"])
