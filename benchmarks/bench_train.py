@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--completion-tokens", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per child (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per child, after one warm-up (the best counts: the first after the warm-up still runs slow)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the configurations")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--allocator", choices=("training", "system"), default="training",

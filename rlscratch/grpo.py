@@ -72,10 +72,10 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     """Per-token log-probs (B, T) of the completion tokens under `model`; 0 where `completion_mask` is 0.
 
     Entry t is log p(input_ids[:, t] | input_ids[:, :t]) at `temperature`, in float32. Only positions
-    that predict a completion token go through the vocabulary head, `chunk_size` at a time and, when
-    gradients are on, under activation checkpointing: the (B, T, vocab) logits never exist, in the
-    forward or the backward. `model(ids, attention_mask=..., return_hidden=True)` must return the final
-    hidden states (B, T, hidden) and `model.lm_head` map them to logits.
+    that predict a completion token go through the vocabulary head, `chunk_size` at a time
+    (`head_logprobs`): the (B, T, vocab) logits never exist, and at most the completion positions' logits
+    are kept for the backward pass, in 16 bits. `model(ids, attention_mask=..., return_hidden=True)` must
+    return the final hidden states (B, T, hidden) and `model.lm_head` map them to logits.
     """
     if not input_ids.shape == attention_mask.shape == completion_mask.shape or input_ids.dim() != 2:
         raise ValueError("input_ids, attention_mask and completion_mask must all be (B, T)")
@@ -95,22 +95,73 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
 
 
 def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, *,
-                  temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
+                  temperature: float = 1.0, chunk_size: int = 256, keep_logits: bool | None = None) -> torch.Tensor:
     """log p(targets[i] | states[i]) (N,) in float32 from final hidden states (N, hidden), through the
-    vocabulary head `chunk_size` rows at a time, each chunk recomputed in the backward pass when
-    gradients are on (activation checkpointing), so no more than one chunk of logits exists at once."""
+    vocabulary head `chunk_size` rows at a time. With gradients on, the backward pass either gets each
+    chunk's logits again by recomputing them (activation checkpointing: no more than one chunk of logits
+    exists at once) or reuses them, kept in the compute precision (`HeadLogprobs`). `keep_logits=None`
+    keeps them where that precision is 16-bit (a head without bias, i.e. `nn.Linear(bias=False)`, only)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
     def head(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return token_logprobs(lm_head(h), y, temperature=temperature)
 
     track = torch.is_grad_enabled() and (states.requires_grad or lm_head.weight.requires_grad)
+    if track:
+        device = states.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(states.dtype, lm_head.weight.dtype))
+        plain_head = isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None
+        if (dtype.itemsize <= 2 if keep_logits is None else keep_logits) and plain_head and states.shape[0]:
+            return HeadLogprobs.apply(states, lm_head.weight, targets, dtype, temperature, chunk_size)
     pieces = [checkpoint(head, states[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False) if track
               else head(states[i:i + chunk_size], targets[i:i + chunk_size])
               for i in range(0, states.shape[0], chunk_size)]
     dtype = torch.promote_types(states.dtype, torch.float32)
     return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=dtype)
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """`token_logprobs(states @ weight.T / temperature, targets)`, the logits computed `chunk_size` rows at a
+    time in `dtype` and kept for the backward pass, which turns them, in place, into the gradient of the
+    logits, (one-hot - softmax) x upstream gradient, and then needs two matrix products."""
+
+    @staticmethod
+    def forward(ctx, states, weight, targets, dtype, temperature, chunk_size):
+        wide = torch.promote_types(dtype, torch.float32)  # softmax arithmetic: float32 at least
+        with torch.autocast(states.device.type, enabled=False):
+            s, w = states.to(dtype), weight.to(dtype)
+            logits = s.new_empty(s.shape[0], w.shape[0])
+            lse = torch.empty(s.shape[0], dtype=wide, device=s.device)
+            values = torch.empty_like(lse)
+            for i in range(0, s.shape[0], chunk_size):
+                z = torch.matmul(s[i:i + chunk_size], w.t(), out=logits[i:i + chunk_size]).to(wide) / temperature
+                lse[i:i + chunk_size] = torch.logsumexp(z, -1)
+                values[i:i + chunk_size] = z.gather(-1, targets[i:i + chunk_size, None].long())[:, 0] - lse[i:i + chunk_size]
+        ctx.save_for_backward(s, w, targets, lse)
+        ctx.logits, ctx.temperature, ctx.chunk_size = logits, temperature, chunk_size
+        ctx.dtypes = states.dtype, weight.dtype
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.logits is None:
+            raise RuntimeError("HeadLogprobs: the backward pass overwrites the kept logits, so it runs once "
+                               "(no retain_graph=True through it; use keep_logits=False for that)")
+        s, w, targets, lse = ctx.saved_tensors
+        logits, ctx.logits, c, t = ctx.logits, None, ctx.chunk_size, ctx.temperature
+        with torch.autocast(s.device.type, enabled=False):
+            for i in range(0, s.shape[0], c):
+                g = grad[i:i + c, None].to(lse.dtype) / t
+                p = (logits[i:i + c].to(lse.dtype) / t - lse[i:i + c, None]).exp_()  # the softmax
+                logits[i:i + c] = p.mul_(-g).scatter_add_(-1, targets[i:i + c, None].long(), g)  # d loss / d logits
+            grad_states = logits @ w if ctx.needs_input_grad[0] else None
+            grad_weight = logits.t() @ s if ctx.needs_input_grad[1] else None
+        return (None if grad_states is None else grad_states.to(ctx.dtypes[0]),
+                None if grad_weight is None else grad_weight.to(ctx.dtypes[1]), None, None, None, None)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:

@@ -119,6 +119,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q (B, T, heads, D) over k, v (B, n_kv, S, D) where mask (B, 1, T, S) is True, one call
+    per key/value head with its group's query heads folded into the sequence axis: (B, T, heads * D)."""
+    B, T, H, D = q.shape
+    n_kv = k.shape[1]
+    G = H // n_kv  # query heads per key/value head
+    q = q.reshape(B, T, n_kv, G, D).permute(0, 2, 3, 1, 4).reshape(B, n_kv, G * T, D)
+    if T > 1:  # one mask row per folded query row (with T == 1 the mask broadcasts as it is)
+        mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.view(B, n_kv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config, layer_index: int):
         super().__init__()
@@ -136,9 +149,9 @@ class Attention(nn.Module):
                                                        fused="qkv_proj"))
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """x: (B, T, hidden). mask: (B, 1, T, S) bool, True where a query may look at a key."""
+        """x: (B, T, hidden). mask: (B, 1, T, S) bool, True where a query may look at a key (or, without a
+        cache, the same cut into `KeyBlocks`, below)."""
         B, T, _ = x.shape
-        G = self.n_heads // self.n_kv  # query heads per key/value head
         q, k, v = self.qkv_proj(x).split(self.split_sizes, -1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
@@ -149,13 +162,9 @@ class Attention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, T, D)
         if cache is not None:
             k, v = cache.write(self.layer_index, k, v)  # (B, n_kv, S, D): all keys so far
-        # fold the G query heads of each group into the sequence axis: (B, n_kv, G*T, D)
-        q = q.view(B, T, self.n_kv, G, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, self.n_kv, G * T, -1)
-        if T > 1:  # one mask row per folded query row (with T == 1 the mask broadcasts as it is)
-            mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.view(B, self.n_kv, G, T, self.head_dim).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
-        return self.o_proj(out)
+        if isinstance(mask, KeyBlocks):
+            return self.o_proj(mask.attend(q, k, v))
+        return self.o_proj(grouped_attention(q, k, v, mask))
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -219,6 +228,32 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class KeyBlocks:
+    """An attention mask (B, 1, T, S) cut into blocks of `size` consecutive queries, each paired with the
+    keys that any of its queries may see in any row: attention then scores each block against those
+    keys only, one call per block for the whole batch."""
+
+    def __init__(self, mask: torch.Tensor, size: int = 128):
+        if mask.dim() != 4 or mask.shape[1] != 1 or size < 1:
+            raise ValueError(f"KeyBlocks needs a (B, 1, T, S) mask and size >= 1, got {tuple(mask.shape)}, {size}")
+        B, _, T, S = mask.shape
+        self.full_scores = T * S
+        self.blocks = []  # (first query, end query, key indices, mask (B, 1, queries, keys))
+        for start in range(0, T, size):
+            sees = mask[:, :, start:start + size]
+            keys = sees.any(2).any(1).any(0).nonzero()[:, 0]
+            self.blocks.append((start, start + sees.shape[2], keys, sees[..., keys]))
+
+    def scored_fraction(self) -> float:
+        """Query-key scores computed, as a fraction of those of the whole mask."""
+        return sum((end - start) * len(keys) for start, end, keys, _ in self.blocks) / self.full_scores
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`grouped_attention(q, k, v, mask)` (B, T, heads * D), computed block by block."""
+        return torch.cat([grouped_attention(q[:, start:end], k[:, :, keys], v[:, :, keys], m)
+                          for start, end, keys, m in self.blocks], 1)
+
+
 class Qwen2Model(nn.Module):
     """A Qwen2-family causal language model. `forward` returns logits (B, T, vocab)."""
 
@@ -232,6 +267,7 @@ class Qwen2Model(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False  # training: recompute each block in the backward pass to save memory
+        self.query_block = 128  # without a cache, on the CPU: queries per attention call (KeyBlocks)
 
     def forward(
         self,
@@ -270,6 +306,10 @@ class Qwen2Model(nn.Module):
             key_index = torch.arange(past + T, device=input_ids.device)[None, :]  # (1, S)
             mask = (key_valid[:, None, :] & (key_index <= query_index)) | (key_index == query_index)
             mask = mask[:, None]  # (B, 1, T, S)
+        if cache is None and input_ids.device.type == "cpu" and T > self.query_block:
+            blocks = KeyBlocks(mask, self.query_block)
+            if blocks.scored_fraction() <= 0.75:  # the same attention, fewer scores
+                mask = blocks
 
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlscratch.grpo import (AGGREGATIONS, KL_ESTIMATORS, clipped_surrogate, completion_batch, group_advantages,
-                            grpo_loss, kl_penalty, loss_normalizer, sequence_logprobs, token_logprobs)
+                            grpo_loss, head_logprobs, kl_penalty, loss_normalizer, sequence_logprobs, token_logprobs)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -399,6 +399,55 @@ def test_sequence_logprobs_keeps_one_chunk_of_logits(small_model):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         full_logits_logprobs(small_model, batch)
     assert max(widest) >= 4 * 32  # the direct computation keeps the logits of every position
+
+
+@pytest.mark.parametrize("temperature,chunk_size", [(1.0, 3), (0.6, 1), (1.3, 256)])
+def test_kept_logits_give_the_same_values_and_gradients(temperature, chunk_size):
+    """HeadLogprobs (logits kept, gradient written over them) = recomputation = plain autograd, in float64."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(6, 40, bias=False).double()
+    states = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    targets, weights = torch.randint(0, 40, (7,)), torch.randn(7, dtype=torch.float64)
+    results = []
+    for run in (lambda: head_logprobs(head, states, targets, temperature=temperature, chunk_size=chunk_size,
+                                      keep_logits=True),
+                lambda: head_logprobs(head, states, targets, temperature=temperature, chunk_size=chunk_size,
+                                      keep_logits=False),
+                lambda: token_logprobs(head(states), targets, temperature=temperature)):
+        head.zero_grad()
+        states.grad = None
+        values = run()
+        (values * weights).sum().backward()
+        results.append((values.detach(), states.grad.clone(), head.weight.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_logits_are_kept_in_16_bits_and_recomputed_in_float32():
+    head = torch.nn.Linear(16, 64, bias=False)
+    states = torch.randn(5, 16, requires_grad=True)
+    targets = torch.randint(0, 64, (5,))
+    assert type(head_logprobs(head, states, targets).grad_fn).__name__ != "HeadLogprobsBackward"
+    outputs = {}
+    for keep in (None, False):
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            values = head_logprobs(head, states, targets, keep_logits=keep)
+        values.sum().backward()
+        outputs[keep] = (type(values.grad_fn).__name__, values.detach(), head.weight.grad.clone())
+    assert outputs[None][0] == "HeadLogprobsBackward" and outputs[False][0] != "HeadLogprobsBackward"
+    # the same bf16 products either way; the kept path sums the weight gradient in one product (float32 inside)
+    torch.testing.assert_close(outputs[None][1], outputs[False][1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(outputs[None][2], outputs[False][2], rtol=2e-2, atol=1e-3)
+
+
+def test_kept_logits_refuse_a_second_backward_pass():
+    head = torch.nn.Linear(4, 9, bias=False)
+    values = head_logprobs(head, torch.randn(3, 4), torch.tensor([1, 2, 3]), keep_logits=True)
+    values.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        values.sum().backward()
 
 
 def test_sequence_logprobs_bad_masks(small_model):

@@ -261,6 +261,48 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_key_blocks_score_what_the_mask_allows_and_no_more():
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()[None, None]
+    blocks = M.KeyBlocks(causal, 4)
+    # queries 0-3 see keys 0-3 (16 scores), queries 4-7 keys 0-7 (32): 48 of 64
+    assert [keys.tolist() for _, _, keys, _ in blocks.blocks] == [[0, 1, 2, 3], list(range(8))]
+    assert blocks.scored_fraction() == 48 / 64
+    with pytest.raises(ValueError, match="KeyBlocks needs"):
+        M.KeyBlocks(causal[0], 4)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_key_blocks_give_the_same_logits_and_gradients(layout, monkeypatch):
+    """Attention block by block (KeyBlocks, here 2 queries per block) equals one call with the whole mask."""
+    _, model = hf_pair("qwen2")
+    torch.manual_seed(7)
+    if layout == "padded":
+        ids = torch.randint(0, 512, (2, 11))
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        inputs = dict(attention_mask=mask)
+    else:  # a prompt of 3 tokens, then answers of 4, 3 and 4 tokens, each seeing the prompt and itself
+        segment = torch.tensor([-1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+        visible = torch.ones(14, 14, dtype=torch.bool).tril() & (
+            (segment[:, None] == segment[None, :]) | (segment[None, :] == -1))
+        ids = torch.randint(0, 512, (1, 14))
+        inputs = dict(positions=torch.tensor([[0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 3, 4, 5, 6]]), visible=visible[None])
+    results, blocked_calls = [], []
+    real_attend = M.KeyBlocks.attend
+    monkeypatch.setattr(M.KeyBlocks, "attend", lambda self, *a: blocked_calls.append(1) or real_attend(self, *a))
+    for block in (10**9, 2):
+        model.query_block = block
+        model.zero_grad()
+        logits = model(ids, **inputs)
+        (logits.logsumexp(-1) * torch.linspace(-1, 1, ids.shape[1])).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    model.query_block = 128
+    assert len(blocked_calls) == model.config.num_hidden_layers  # the second pass went block by block
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_hand_written_backward_passes_match_finite_differences():
     torch.manual_seed(4)
     x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)

@@ -235,15 +235,27 @@ assert toy.logprobs[1].tolist() == [0, 0, -2, -3, -4]
 #    head at all;
 # 3. apply the head (`lm_head`) to `chunk_size` of those positions at a time and keep only the
 #    gathered log-probabilities;
-# 4. wrap each chunk in **activation checkpointing** (`torch.utils.checkpoint`): autograd then
-#    stores only the chunk's *input* (its hidden states) and recomputes the chunk's logits during the
-#    backward pass, one chunk at a time. Without it, the forward pass would be bounded but autograd
-#    would still keep every chunk's logits for the backward.
+# 4. for the backward pass, which needs each chunk's softmax, either keep nothing but the chunk's
+#    *input* and recompute its logits then (**activation checkpointing**, `torch.utils.checkpoint`:
+#    one chunk of logits exists at a time), or keep the chunk's logits as the matrix product
+#    produced them. Without one of the two, autograd would keep every chunk's float32 logits *and*
+#    softmax.
 #
-# The price of step 4 is running the head's forward twice. For our model the head is 28% of the
-# multiply-adds per token (section 1.5 prints it), and a forward-and-backward pass costs about three
-# forwards, so the recomputation adds roughly a tenth to the scoring step. Under `torch.no_grad()` (the reference
-# model, or the sampler's old log-probs) there is no backward pass and no checkpointing.
+# Which of the two in step 4 is a trade of memory for time. Recomputing runs the head's forward
+# twice; for our model the head is 28% of the multiply-adds per token (section 1.5 prints it), and a
+# forward-and-backward pass costs about three forwards, so it adds roughly a tenth to the scoring
+# step. Keeping the logits costs their memory, which depends on the number format the CPU computes
+# in: in bfloat16 they are 2 bytes each, a quarter of the float32 logits-plus-softmax autograd would
+# keep (0.6 GB for 2,048 completion tokens); in float32 they would be 4. So `head_logprobs` keeps
+# them where the matrix products run in 16 bits, and recomputes where they run in float32 (CPUs
+# without native bfloat16, where memory is the scarcer of the two; `keep_logits=` overrides). The
+# keeping is a small custom autograd function, `HeadLogprobs`. Its backward pass needs the gradient
+# of each log-prob with respect to the logits, which for $\log p_y = z_y - \log\sum_v e^{z_v}$ is
+# $\mathbb{1}[v = y] - \mathrm{softmax}(z)_v$ times the incoming gradient: it computes that from the
+# kept logits, writes it over them in place (they are not needed again), and then needs just two
+# matrix products, one for the hidden states' gradient and one for the head weight's. Under
+# `torch.no_grad()` (the reference model, or the sampler's old log-probs) there is no backward pass,
+# and nothing is kept or recomputed.
 #
 # The model interface this relies on is small: `model(input_ids, attention_mask=...,
 # return_hidden=True)` returns the final normalised hidden states, and `model.lm_head` maps them to
@@ -258,10 +270,10 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     """Per-token log-probs (B, T) of the completion tokens under `model`; 0 where `completion_mask` is 0.
 
     Entry t is log p(input_ids[:, t] | input_ids[:, :t]) at `temperature`, in float32. Only positions
-    that predict a completion token go through the vocabulary head, `chunk_size` at a time and, when
-    gradients are on, under activation checkpointing: the (B, T, vocab) logits never exist, in the
-    forward or the backward. `model(ids, attention_mask=..., return_hidden=True)` must return the final
-    hidden states (B, T, hidden) and `model.lm_head` map them to logits.
+    that predict a completion token go through the vocabulary head, `chunk_size` at a time
+    (`head_logprobs`): the (B, T, vocab) logits never exist, and at most the completion positions' logits
+    are kept for the backward pass, in 16 bits. `model(ids, attention_mask=..., return_hidden=True)` must
+    return the final hidden states (B, T, hidden) and `model.lm_head` map them to logits.
     """
     if not input_ids.shape == attention_mask.shape == completion_mask.shape or input_ids.dim() != 2:
         raise ValueError("input_ids, attention_mask and completion_mask must all be (B, T)")
@@ -281,22 +293,73 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
 
 
 def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, *,
-                  temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
+                  temperature: float = 1.0, chunk_size: int = 256, keep_logits: bool | None = None) -> torch.Tensor:
     """log p(targets[i] | states[i]) (N,) in float32 from final hidden states (N, hidden), through the
-    vocabulary head `chunk_size` rows at a time, each chunk recomputed in the backward pass when
-    gradients are on (activation checkpointing), so no more than one chunk of logits exists at once."""
+    vocabulary head `chunk_size` rows at a time. With gradients on, the backward pass either gets each
+    chunk's logits again by recomputing them (activation checkpointing: no more than one chunk of logits
+    exists at once) or reuses them, kept in the compute precision (`HeadLogprobs`). `keep_logits=None`
+    keeps them where that precision is 16-bit (a head without bias, i.e. `nn.Linear(bias=False)`, only)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
     def head(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return token_logprobs(lm_head(h), y, temperature=temperature)
 
     track = torch.is_grad_enabled() and (states.requires_grad or lm_head.weight.requires_grad)
+    if track:
+        device = states.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(states.dtype, lm_head.weight.dtype))
+        plain_head = isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None
+        if (dtype.itemsize <= 2 if keep_logits is None else keep_logits) and plain_head and states.shape[0]:
+            return HeadLogprobs.apply(states, lm_head.weight, targets, dtype, temperature, chunk_size)
     pieces = [checkpoint(head, states[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False) if track
               else head(states[i:i + chunk_size], targets[i:i + chunk_size])
               for i in range(0, states.shape[0], chunk_size)]
     dtype = torch.promote_types(states.dtype, torch.float32)
     return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=dtype)
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """`token_logprobs(states @ weight.T / temperature, targets)`, the logits computed `chunk_size` rows at a
+    time in `dtype` and kept for the backward pass, which turns them, in place, into the gradient of the
+    logits, (one-hot - softmax) x upstream gradient, and then needs two matrix products."""
+
+    @staticmethod
+    def forward(ctx, states, weight, targets, dtype, temperature, chunk_size):
+        wide = torch.promote_types(dtype, torch.float32)  # softmax arithmetic: float32 at least
+        with torch.autocast(states.device.type, enabled=False):
+            s, w = states.to(dtype), weight.to(dtype)
+            logits = s.new_empty(s.shape[0], w.shape[0])
+            lse = torch.empty(s.shape[0], dtype=wide, device=s.device)
+            values = torch.empty_like(lse)
+            for i in range(0, s.shape[0], chunk_size):
+                z = torch.matmul(s[i:i + chunk_size], w.t(), out=logits[i:i + chunk_size]).to(wide) / temperature
+                lse[i:i + chunk_size] = torch.logsumexp(z, -1)
+                values[i:i + chunk_size] = z.gather(-1, targets[i:i + chunk_size, None].long())[:, 0] - lse[i:i + chunk_size]
+        ctx.save_for_backward(s, w, targets, lse)
+        ctx.logits, ctx.temperature, ctx.chunk_size = logits, temperature, chunk_size
+        ctx.dtypes = states.dtype, weight.dtype
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.logits is None:
+            raise RuntimeError("HeadLogprobs: the backward pass overwrites the kept logits, so it runs once "
+                               "(no retain_graph=True through it; use keep_logits=False for that)")
+        s, w, targets, lse = ctx.saved_tensors
+        logits, ctx.logits, c, t = ctx.logits, None, ctx.chunk_size, ctx.temperature
+        with torch.autocast(s.device.type, enabled=False):
+            for i in range(0, s.shape[0], c):
+                g = grad[i:i + c, None].to(lse.dtype) / t
+                p = (logits[i:i + c].to(lse.dtype) / t - lse[i:i + c, None]).exp_()  # the softmax
+                logits[i:i + c] = p.mul_(-g).scatter_add_(-1, targets[i:i + c, None].long(), g)  # d loss / d logits
+            grad_states = logits @ w if ctx.needs_input_grad[0] else None
+            grad_weight = logits.t() @ s if ctx.needs_input_grad[1] else None
+        return (None if grad_states is None else grad_states.to(ctx.dtypes[0]),
+                None if grad_weight is None else grad_weight.to(ctx.dtypes[1]), None, None, None, None)
 
 
 # %% [markdown]
@@ -341,6 +404,35 @@ for temperature in (1.0, 0.7):
     print(f"T={temperature}: max |difference| of log-probs {value_diff:.1e}, of gradients {grad_diff:.1e}")
     assert value_diff < 1e-5 and grad_diff < 1e-5
     assert (ours[batch.completion_mask == 0] == 0).all() and (ours[batch.completion_mask == 1] < 0).all()
+
+# %% [markdown]
+# That float32 model took the recomputing path. The kept-logits path (`keep_logits=True`, the one
+# bfloat16 training takes) must give the same values and gradients; in float64 the two agree to
+# rounding, and both agree with plain autograd through the full logits.
+
+# %%
+import copy
+
+tiny64 = copy.deepcopy(tiny32).double()
+states64 = torch.randn(10, tiny64.config.hidden_size, dtype=torch.float64, generator=gen, requires_grad=True)
+targets64 = torch.randint(0, tiny64.config.vocab_size, (10,), generator=gen)
+weights64 = torch.randn(10, dtype=torch.float64, generator=gen)
+results = {}
+for name, fn in [("recomputed", lambda: head_logprobs(tiny64.lm_head, states64, targets64, temperature=0.7,
+                                                       chunk_size=4, keep_logits=False)),
+                 ("kept", lambda: head_logprobs(tiny64.lm_head, states64, targets64, temperature=0.7,
+                                                chunk_size=4, keep_logits=True)),
+                 ("plain autograd", lambda: token_logprobs(tiny64.lm_head(states64), targets64, temperature=0.7))]:
+    tiny64.zero_grad()
+    states64.grad = None
+    values = fn()
+    (values * weights64).sum().backward()
+    results[name] = (values.detach(), states64.grad.clone(), tiny64.lm_head.weight.grad.clone())
+for name in ("kept", "plain autograd"):
+    gaps = [(a - b).abs().max().item() for a, b in zip(results[name], results["recomputed"])]
+    print(f"{name:>14} vs recomputed: values {gaps[0]:.0e}, hidden-state gradients {gaps[1]:.0e}, "
+          f"head-weight gradients {gaps[2]:.0e}")
+    assert max(gaps) < 1e-12
 
 # %% [markdown]
 # Now the memory. `torch.autograd.graph.saved_tensors_hooks` lets us see every tensor autograd keeps
