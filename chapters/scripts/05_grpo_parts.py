@@ -468,11 +468,12 @@ print(f"transient peak of the chunked head: about one chunk of float32 logits = 
 assert mb_chunked < mb_direct / 5
 
 # %% [markdown]
-# In the stored run (4 × 256 tokens) the direct computation keeps 646 MB for the backward pass and
-# the chunked one 15 MB, about 40 times less. What remains is the body's activations, which a hidden
+# In the stored run (4 × 256 tokens) the direct computation keeps 641 MB for the backward pass and
+# the chunked one 10 MB, about 60 times less. What remains is the body's activations, which a hidden
 # size of 64 keeps tiny here (for the real model they grow with its hidden size of 896, but stay far
-# below 152k-wide logits). The head's memory is now one chunk of
-# logits at a time, a bound set by `chunk_size` rather than by the batch.
+# below 152k-wide logits). In float32, as here, the head's memory is one chunk of logits at a time, a
+# bound set by `chunk_size` rather than by the batch; in bfloat16 it also keeps the completion
+# positions' 16-bit logits (step 4 above).
 #
 # The last check in float32 is the one the rest of the book leans on: the log-probs that training
 # computes equal the ones the sampler recorded while generating the same tokens (chapter 1's
@@ -1532,7 +1533,9 @@ for kind, row in kl["estimators"].items():
 # `rlscratch.grpo` now holds every part of the GRPO loss, each a function on tensors:
 #
 # * `token_logprobs` and `sequence_logprobs`: log-probs of sampled tokens in float32, the vocabulary
-#   head in checkpointed chunks so memory no longer grows with batch × vocabulary; `completion_batch`
+#   head in chunks and on completion positions only (`head_logprobs`: its logits recomputed for the
+#   backward pass in float32, kept in 16 bits by `HeadLogprobs`), so the batch × length × vocabulary
+#   logits never exist; `completion_batch`
 #   lays out prompts and completions for it. They match the sampler's records to $2 \cdot 10^{-6}$ in float32;
 #   in bfloat16 the two differ by rounding.
 # * `group_advantages`: group-relative advantages with the three scalings; groups of equal rewards
