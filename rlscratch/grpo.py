@@ -126,8 +126,9 @@ def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch
 
 class HeadLogprobs(torch.autograd.Function):
     """`token_logprobs(states @ weight.T / temperature, targets)`, the logits computed `chunk_size` rows at a
-    time in `dtype` and kept for the backward pass, which turns them, in place, into the gradient of the
-    logits, (one-hot - softmax) x upstream gradient, and then needs two matrix products."""
+    time in `dtype` and kept (on ctx, unseen by saved-tensor hooks) for the backward pass, which turns them,
+    in place, into the gradient of the logits, (one-hot - softmax) / temperature x upstream gradient, and
+    then needs two matrix products."""
 
     @staticmethod
     def forward(ctx, states, weight, targets, dtype, temperature, chunk_size):

@@ -191,7 +191,7 @@ def test_the_update_runs_without_stale_packed_weights(tmp_path, monkeypatch):
 
 
 def test_fused_adamw_matches_the_default_and_marks_the_weights_changed():
-    """The training loop's AdamW is fused; its steps equal the default (foreach) ones and, unlike a bare
+    """The training loop's AdamW is fused; its steps equal the default (on the CPU, for-loop) ones and, unlike a bare
     fused step, bump the weights' version counters, which packed generation weights and
     weights_fingerprint watch."""
     from rlscratch.model import weights_fingerprint

@@ -224,8 +224,8 @@ assert toy.logprobs[1].tolist() == [0, 0, -2, -3, -4]
 # The obvious implementation runs the model, gets logits for every position and applies
 # `token_logprobs`. The trouble is the size of those logits: the vocabulary has 151,936 entries, so a
 # modest GRPO batch of 16 completions × 512 positions holds $16 \cdot 512 \cdot 151{,}936 \cdot 4$
-# bytes = 5.0 GB of float32 logits, and autograd keeps them (and the softmax it needs for the
-# backward) until the backward pass. Yet we need only *one* number per position.
+# bytes = 5.0 GB of float32 logits, and autograd keeps them until the backward pass (which needs
+# them to rebuild the softmax). Yet we need only *one* number per position.
 #
 # So the scoring function splits the model at its last layer:
 #
@@ -238,22 +238,26 @@ assert toy.logprobs[1].tolist() == [0, 0, -2, -3, -4]
 # 4. for the backward pass, which needs each chunk's softmax, either keep nothing but the chunk's
 #    *input* and recompute its logits then (**activation checkpointing**, `torch.utils.checkpoint`:
 #    one chunk of logits exists at a time), or keep the chunk's logits as the matrix product
-#    produced them. Without one of the two, autograd would keep every chunk's float32 logits *and*
-#    softmax.
+#    produced them. Without one of the two, autograd would keep every chunk's logits in float32.
 #
 # Which of the two in step 4 is a trade of memory for time. Recomputing runs the head's forward
 # twice; for our model the head is 28% of the multiply-adds per token (section 1.5 prints it), and a
 # forward-and-backward pass costs about three forwards, so it adds roughly a tenth to the scoring
 # step. Keeping the logits costs their memory, which depends on the number format the CPU computes
-# in: in bfloat16 they are 2 bytes each, a quarter of the float32 logits-plus-softmax autograd would
-# keep (0.6 GB for 2,048 completion tokens); in float32 they would be 4. So `head_logprobs` keeps
-# them where the matrix products run in 16 bits, and recomputes where they run in float32 (CPUs
-# without native bfloat16, where memory is the scarcer of the two; `keep_logits=` overrides). The
-# keeping is a small custom autograd function, `HeadLogprobs`. Its backward pass needs the gradient
-# of each log-prob with respect to the logits, which for $\log p_y = z_y - \log\sum_v e^{z_v}$ is
-# $\mathbb{1}[v = y] - \mathrm{softmax}(z)_v$ times the incoming gradient: it computes that from the
-# kept logits, writes it over them in place (they are not needed again), and then needs just two
-# matrix products, one for the hidden states' gradient and one for the head weight's. Under
+# in: in bfloat16 they take 2 bytes each, half of what plain autograd keeps in float32 (0.6 GB for
+# 2,048 completion tokens instead of 1.2 GB). In float32 the kept logits would be as large as plain
+# autograd's, so there we keep memory bounded by one chunk and pay the recomputation (CPUs without
+# native bfloat16, whose float32 training is where memory runs shortest). So `head_logprobs` keeps
+# the logits where the matrix products run in 16 bits and recomputes them in float32
+# (`keep_logits=` overrides). The keeping is a small custom autograd function, `HeadLogprobs`. Its
+# backward pass needs the gradient of each log-prob with respect to the logits. With $z$ the logits
+# divided by the temperature $t$, $\log p_y = z_y - \log\sum_v e^{z_v}$ has gradient
+# $\mathbb{1}[v = y] - \mathrm{softmax}(z)_v$ with respect to $z_v$, so $(\mathbb{1}[v = y] -
+# \mathrm{softmax}(z)_v)/t$ with respect to the raw logit, times the incoming gradient. The function
+# computes that from the kept logits, writes it over them in place (they are not needed again), and
+# then needs just two matrix products, one for the hidden states' gradient and one for the head
+# weight's. (It keeps the logits on its context object, not through `save_for_backward`, so tools
+# that watch autograd's saved tensors, like `saved_for_backward_mb` below, do not see them.) Under
 # `torch.no_grad()` (the reference model, or the sampler's old log-probs) there is no backward pass,
 # and nothing is kept or recomputed.
 #
@@ -324,8 +328,9 @@ def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch
 
 class HeadLogprobs(torch.autograd.Function):
     """`token_logprobs(states @ weight.T / temperature, targets)`, the logits computed `chunk_size` rows at a
-    time in `dtype` and kept for the backward pass, which turns them, in place, into the gradient of the
-    logits, (one-hot - softmax) x upstream gradient, and then needs two matrix products."""
+    time in `dtype` and kept (on ctx, unseen by saved-tensor hooks) for the backward pass, which turns them,
+    in place, into the gradient of the logits, (one-hot - softmax) / temperature x upstream gradient, and
+    then needs two matrix products."""
 
     @staticmethod
     def forward(ctx, states, weight, targets, dtype, temperature, chunk_size):
@@ -408,7 +413,9 @@ for temperature in (1.0, 0.7):
 # %% [markdown]
 # That float32 model took the recomputing path. The kept-logits path (`keep_logits=True`, the one
 # bfloat16 training takes) must give the same values and gradients; in float64 the two agree to
-# rounding, and both agree with plain autograd through the full logits.
+# rounding, and both agree with plain autograd through the full logits. (That bfloat16 under
+# autocast does take it, with results equal to the recomputing path's up to bfloat16 rounding, is
+# checked in `tests/test_grpo.py`.)
 
 # %%
 import copy
@@ -442,7 +449,7 @@ for name in ("kept", "plain autograd"):
 
 # %%
 def saved_for_backward_mb(fn) -> float:
-    """Megabytes of tensors autograd saves for the backward pass while running fn()."""
+    """Mebibytes (2**20 bytes) of tensors autograd saves for the backward pass while running fn()."""
     storages = {}
 
     def pack(t):
@@ -461,15 +468,15 @@ mb_direct = saved_for_backward_mb(lambda: full_logits_logprobs(tiny32, long_batc
 mb_chunked = saved_for_backward_mb(lambda: sequence_logprobs(tiny32, *long_batch[:3], chunk_size=CHUNK_SIZE))
 vocab = tiny32.config.vocab_size
 one_chunk_mb = CHUNK_SIZE * vocab * 4 / 2**20
-print(f"{B} x {T} tokens, vocabulary {vocab:,}: saved for backward {mb_direct:,.1f} MB directly, "
-      f"{mb_chunked:,.1f} MB chunked")
+print(f"{B} x {T} tokens, vocabulary {vocab:,}: saved for backward {mb_direct:,.1f} MiB directly, "
+      f"{mb_chunked:,.1f} MiB chunked")
 print(f"transient peak of the chunked head: about one chunk of float32 logits = {CHUNK_SIZE} x {vocab:,} x 4 bytes "
-      f"= {one_chunk_mb:,.0f} MB (plus temporaries of the same size), whatever the batch")
+      f"= {one_chunk_mb:,.0f} MiB (plus temporaries of the same size), whatever the batch")
 assert mb_chunked < mb_direct / 5
 
 # %% [markdown]
-# In the stored run (4 × 256 tokens) the direct computation keeps 641 MB for the backward pass and
-# the chunked one 10 MB, about 60 times less. What remains is the body's activations, which a hidden
+# In the stored run (4 × 256 tokens) the direct computation keeps 641 MiB for the backward pass and
+# the chunked one 10 MiB, about 60 times less. What remains is the body's activations, which a hidden
 # size of 64 keeps tiny here (for the real model they grow with its hidden size of 896, but stay far
 # below 152k-wide logits). In float32, as here, the head's memory is one chunk of logits at a time, a
 # bound set by `chunk_size` rather than by the batch; in bfloat16 it also keeps the completion

@@ -398,14 +398,15 @@ plt.show()
 
 # %% [markdown]
 # **The optimizer.** AdamW keeps two moving averages per weight. PyTorch's default implementation
-# updates them with a chain of whole-model operations (a square root of every second moment, a
-# division, an addition, ...), each pass reading and writing every tensor, and some allocating a
-# full-size temporary: 2.5 GB each for this model's 630 million float32 weights. Its *fused* kernel
-# does the whole update in one pass over each tensor, with no temporaries. One catch: the fused
-# kernel writes the weights without bumping their version counters, the numbers PyTorch keeps to
-# notice in-place changes, and two things in this book watch those counters: the packed generation
-# weights of chapter 1 (repacked when the weights change) and `weights_fingerprint`. A hook run after
-# every step bumps them.
+# on the CPU loops over the weight tensors and updates each with a chain of operations (a square
+# root of the second moment, a division, an addition, ...): each a pass over the tensor, some
+# allocating a temporary of its size, up to 0.5 GB for this model's largest (the 151,936 × 896
+# embedding and head; on a GPU the default does all tensors at once, and its temporaries are
+# model-sized, 2.5 GB here). The *fused* kernel does the whole update in one pass over each tensor,
+# with no temporaries. One catch: the fused kernel writes the weights without bumping their version
+# counters, the numbers PyTorch keeps to notice in-place changes, and two things in this book watch
+# those counters: the packed generation weights of chapter 1 (repacked when the weights change) and
+# `weights_fingerprint`. A hook run after every step bumps them.
 
 # %%
 #| export: train
@@ -435,7 +436,7 @@ from rlscratch.model import weights_fingerprint  # noqa: E402
 net, _ = load_model("tiny-random", dtype=torch.float64)
 twin, bare = copy.deepcopy(net), copy.deepcopy(net)
 optimizers = {"fused + hook": (net, make_optimizer(net.parameters(), lr=1e-3)),
-              "default": (twin, torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.0)),  # foreach
+              "default": (twin, torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.0)),  # CPU: a for-loop
               "bare fused": (bare, torch.optim.AdamW(bare.parameters(), lr=1e-3, weight_decay=0.0, fused=True))}
 versions = {name: m.lm_head.weight._version for name, (m, _) in optimizers.items()}
 fingerprint = weights_fingerprint(net)
@@ -2717,7 +2718,8 @@ else:
 
 # %% [markdown]
 # Step 1 is again the clean comparison: both runs sampled the same 32 answers (8,115 answer tokens)
-# and computed the same loss and gradient norm. It did not get faster: 104.8 s before, 108.9 s after,
+# and computed the same loss (gradient norms 2.0225 and 2.0223: the rebuilt products round a little
+# differently in bfloat16). It did not get faster: 104.8 s before, 108.9 s after,
 # its policy update 67.1 then 69.8 s. Generation, whose code did not change, also took 3% longer
 # (21.8 then 22.4 s), and this machine's timings drift by up to a tenth between runs, so the change
 # costs at most a few percent of speed, if anything; rebuilding `silu(gate) * up` is two element-wise
@@ -2764,7 +2766,12 @@ else:
 # differently in bfloat16. It took 93.4 s instead of 108.9 s: the policy update 69.8 → 58.4 s, the
 # reference pass 16.7 → 12.9 s, while generation, the unchanged control, took 22.4 → 22.2 s. So the
 # three changes bought a sixth of the policy update, nearly a quarter of the reference pass and a
-# seventh of the step. Later steps sampled other answers (about the same number of tokens, 25,192
+# seventh of the step. The reference pass computes no gradients and takes no optimizer step, so its
+# share is `KeyBlocks`' alone. In memory, the training benchmark (`benchmarks/bench_train.py`, same
+# machine) now peaks at 13.5 GB without activation checkpointing, 0.6 GB above the lean code's 12.9
+# GB: the kept bfloat16 logits of its 2,048 answer tokens (2,048 × 151,936 × 2 bytes); with
+# checkpointing, where the optimizer step sets the peak, 11.0 GB instead of 12.0 GB, the unfused
+# AdamW's temporaries gone. Later steps sampled other answers (about the same number of tokens, 25,192
 # against 25,537 over the four steps), and over the four the policy update ran 1.18 times and the
 # reference pass 1.23 times as fast. On this Zen 5 machine the heaviest step now takes 93 s. The
 # Zen 4 machine of the main run was not available to time it again: there its heaviest step measured
