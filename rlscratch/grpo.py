@@ -97,10 +97,10 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
 def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, *,
                   temperature: float = 1.0, chunk_size: int = 256, keep_logits: bool | None = None) -> torch.Tensor:
     """log p(targets[i] | states[i]) (N,) in float32 from final hidden states (N, hidden), through the
-    vocabulary head `chunk_size` rows at a time. With gradients on, the backward pass either gets each
-    chunk's logits again by recomputing them (activation checkpointing: no more than one chunk of logits
-    exists at once) or reuses them, kept in the compute precision (`HeadLogprobs`). `keep_logits=None`
-    keeps them where that precision is 16-bit (a head without bias, i.e. `nn.Linear(bias=False)`, only)."""
+    vocabulary head `chunk_size` rows at a time. With gradients on, the backward pass (`HeadLogprobs`)
+    either recomputes each chunk's logits (no more than one chunk of logits exists at once) or reuses them,
+    kept in the compute precision. `keep_logits=None` keeps them where that precision is 16-bit. A head
+    other than `nn.Linear(bias=False)` goes through autograd with each chunk checkpointed."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if temperature <= 0:
@@ -110,13 +110,12 @@ def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch
         return token_logprobs(lm_head(h), y, temperature=temperature)
 
     track = torch.is_grad_enabled() and (states.requires_grad or lm_head.weight.requires_grad)
-    if track:
+    if track and isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and states.shape[0]:
         device = states.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else torch.promote_types(states.dtype, lm_head.weight.dtype))
-        plain_head = isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None
-        if (dtype.itemsize <= 2 if keep_logits is None else keep_logits) and plain_head and states.shape[0]:
-            return HeadLogprobs.apply(states, lm_head.weight, targets, dtype, temperature, chunk_size)
+        keep = dtype.itemsize <= 2 if keep_logits is None else keep_logits
+        return HeadLogprobs.apply(states, lm_head.weight, targets, dtype, temperature, chunk_size, keep)
     pieces = [checkpoint(head, states[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False) if track
               else head(states[i:i + chunk_size], targets[i:i + chunk_size])
               for i in range(0, states.shape[0], chunk_size)]
@@ -124,45 +123,72 @@ def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch
     return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=dtype)
 
 
+def logit_gradient(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, temperature: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """d/d logits of sum_i grad[i] * log softmax(logits[i] / temperature)[targets[i]], computed in float32 at
+    least and written to `out` (which may be `logits` itself): (one-hot(targets) - softmax) * grad / T."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    z = logits if temperature == 1 else logits.to(wide) / temperature
+    p = torch.softmax(z, -1, dtype=wide)  # one row at a time, in cache: no pass over memory per operation
+    p.scatter_add_(-1, targets[:, None].long(), p.new_full((p.shape[0], 1), -1.0))  # softmax - one-hot
+    return torch.mul(p, grad[:, None].to(wide) / -temperature, out=out)  # times -grad / T, rounded once
+
+
 class HeadLogprobs(torch.autograd.Function):
-    """`token_logprobs(states @ weight.T / temperature, targets)`, the logits computed `chunk_size` rows at a
-    time in `dtype` and kept (on ctx, unseen by saved-tensor hooks) for the backward pass, which turns them,
-    in place, into the gradient of the logits, (one-hot - softmax) / temperature x upstream gradient, and
-    then needs two matrix products."""
+    """`token_logprobs(states @ weight.T / temperature, targets)` with its backward pass written by hand, the
+    logits computed `chunk_size` rows at a time in `dtype`. With `keep` the logits are kept (on ctx, unseen by
+    saved-tensor hooks) and the backward pass turns them, in place, into the gradient of the logits
+    (`logit_gradient`), then needs two matrix products. Without, it recomputes one chunk of logits at a time
+    and adds that chunk's share to the head weight's gradient in place."""
 
     @staticmethod
-    def forward(ctx, states, weight, targets, dtype, temperature, chunk_size):
+    def forward(ctx, states, weight, targets, dtype, temperature, chunk_size, keep):
         wide = torch.promote_types(dtype, torch.float32)  # softmax arithmetic: float32 at least
+        n, c = states.shape[0], chunk_size
         with torch.autocast(states.device.type, enabled=False):
             s, w = states.to(dtype), weight.to(dtype)
-            logits = s.new_empty(s.shape[0], w.shape[0])
-            lse = torch.empty(s.shape[0], dtype=wide, device=s.device)
-            values = torch.empty_like(lse)
-            for i in range(0, s.shape[0], chunk_size):
-                z = torch.matmul(s[i:i + chunk_size], w.t(), out=logits[i:i + chunk_size]).to(wide) / temperature
-                lse[i:i + chunk_size] = torch.logsumexp(z, -1)
-                values[i:i + chunk_size] = z.gather(-1, targets[i:i + chunk_size, None].long())[:, 0] - lse[i:i + chunk_size]
-        ctx.save_for_backward(s, w, targets, lse)
-        ctx.logits, ctx.temperature, ctx.chunk_size = logits, temperature, chunk_size
+            logits = s.new_empty(n if keep else min(n, c), w.shape[0])  # all rows, or one chunk's
+            values = torch.empty(n, dtype=wide, device=s.device)
+            for i in range(0, n, c):
+                z = torch.matmul(s[i:i + c], w.t(), out=logits[i:i + c] if keep else logits[:min(c, n - i)])
+                z = z if temperature == 1 else z.to(wide) / temperature
+                values[i:i + c] = torch.log_softmax(z, -1, dtype=wide).gather(-1, targets[i:i + c, None].long())[:, 0]
+        ctx.save_for_backward(s, w, targets)
+        ctx.logits = logits if keep else None
+        ctx.keep, ctx.temperature, ctx.chunk_size = keep, temperature, chunk_size
         ctx.dtypes = states.dtype, weight.dtype
         return values
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.logits is None:
+        if ctx.keep and ctx.logits is None:
             raise RuntimeError("HeadLogprobs: the backward pass overwrites the kept logits, so it runs once "
                                "(no retain_graph=True through it; use keep_logits=False for that)")
-        s, w, targets, lse = ctx.saved_tensors
-        logits, ctx.logits, c, t = ctx.logits, None, ctx.chunk_size, ctx.temperature
+        s, w, targets = ctx.saved_tensors
+        c, t = ctx.chunk_size, ctx.temperature
+        need_states, need_weight = ctx.needs_input_grad[:2]
         with torch.autocast(s.device.type, enabled=False):
-            for i in range(0, s.shape[0], c):
-                g = grad[i:i + c, None].to(lse.dtype) / t
-                p = (logits[i:i + c].to(lse.dtype) / t - lse[i:i + c, None]).exp_()  # the softmax
-                logits[i:i + c] = p.mul_(-g).scatter_add_(-1, targets[i:i + c, None].long(), g)  # d loss / d logits
-            grad_states = logits @ w if ctx.needs_input_grad[0] else None
-            grad_weight = logits.t() @ s if ctx.needs_input_grad[1] else None
+            if ctx.keep:
+                logits, ctx.logits = ctx.logits, None
+                for i in range(0, s.shape[0], c):
+                    rows = logits[i:i + c]
+                    logit_gradient(rows, targets[i:i + c], grad[i:i + c], t, out=rows)
+                grad_states = logits @ w if need_states else None
+                grad_weight = logits.t() @ s if need_weight else None
+            else:
+                grad_states = torch.empty_like(s) if need_states else None
+                grad_weight = torch.zeros(w.shape, dtype=grad.dtype, device=w.device) if need_weight else None
+                for i in range(0, s.shape[0], c):
+                    z = s[i:i + c] @ w.t()
+                    dz = logit_gradient(z, targets[i:i + c], grad[i:i + c], t, out=z)
+                    if need_states:
+                        torch.matmul(dz, w, out=grad_states[i:i + c])
+                    if need_weight and dz.dtype == grad_weight.dtype:
+                        grad_weight.addmm_(dz.t(), s[i:i + c])  # no weight-sized temporary
+                    elif need_weight:
+                        grad_weight += dz.t() @ s[i:i + c]
         return (None if grad_states is None else grad_states.to(ctx.dtypes[0]),
-                None if grad_weight is None else grad_weight.to(ctx.dtypes[1]), None, None, None, None)
+                None if grad_weight is None else grad_weight.to(ctx.dtypes[1]), None, None, None, None, None)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:

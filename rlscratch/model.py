@@ -186,8 +186,12 @@ class SwiGLUDown(torch.autograd.Function):
         hidden = silu * up  # exactly the forward's product, rebuilt
         grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ hidden.reshape(-1, hidden.shape[-1])
         grad_hidden = grad @ weight
-        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)  # times silu'(gate), in one kernel
-        return torch.cat([grad_gate, grad_hidden * silu], -1), grad_weight.to(down_weight.dtype)
+        grad_gate_up = torch.empty_like(gate_up)  # both halves written in place: no concatenation
+        grad_gate, grad_up = grad_gate_up.chunk(2, -1)
+        torch.mul(grad_hidden, silu, out=grad_up)
+        torch.mul(grad_hidden, up, out=grad_gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)  # times silu'(gate)
+        return grad_gate_up, grad_weight.to(down_weight.dtype)
 
 
 class MLP(nn.Module):

@@ -428,18 +428,33 @@ def test_logits_are_kept_in_16_bits_and_recomputed_in_float32():
     head = torch.nn.Linear(16, 64, bias=False)
     states = torch.randn(5, 16, requires_grad=True)
     targets = torch.randint(0, 64, (5,))
-    assert type(head_logprobs(head, states, targets).grad_fn).__name__ != "HeadLogprobsBackward"
+    assert head_logprobs(head, states, targets, chunk_size=2).grad_fn.logits is None  # float32: nothing kept
     outputs = {}
     for keep in (None, False):
         head.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            values = head_logprobs(head, states, targets, keep_logits=keep)
+            values = head_logprobs(head, states, targets, chunk_size=2, keep_logits=keep)
+        kept = values.grad_fn.logits
+        outputs[keep] = (None if kept is None else (kept.dtype, tuple(kept.shape)), values.detach())
         values.sum().backward()
-        outputs[keep] = (type(values.grad_fn).__name__, values.detach(), head.weight.grad.clone())
-    assert outputs[None][0] == "HeadLogprobsBackward" and outputs[False][0] != "HeadLogprobsBackward"
+        outputs[keep] += (head.weight.grad.clone(),)
+    assert outputs[None][0] == (torch.bfloat16, (5, 64)) and outputs[False][0] is None
     # the same bf16 products either way; the kept path sums the weight gradient in one product (float32 inside)
     torch.testing.assert_close(outputs[None][1], outputs[False][1], rtol=0, atol=1e-6)
     torch.testing.assert_close(outputs[None][2], outputs[False][2], rtol=2e-2, atol=1e-3)
+
+
+def test_recomputed_logits_allow_a_second_backward_pass():
+    """Recomputing (float32) overwrites nothing: a second backward pass adds the same gradients again."""
+    head = torch.nn.Linear(8, 30, bias=False)
+    states = torch.randn(7, 8, requires_grad=True)
+    values = head_logprobs(head, states, torch.randint(0, 30, (7,)), chunk_size=3)
+    weights = torch.randn(7)
+    (values * weights).sum().backward(retain_graph=True)
+    first = head.weight.grad.clone(), states.grad.clone()
+    (values * weights).sum().backward()
+    torch.testing.assert_close(head.weight.grad, 2 * first[0])
+    torch.testing.assert_close(states.grad, 2 * first[1])
 
 
 def test_kept_logits_refuse_a_second_backward_pass():

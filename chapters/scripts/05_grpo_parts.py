@@ -236,9 +236,9 @@ assert toy.logprobs[1].tolist() == [0, 0, -2, -3, -4]
 # 3. apply the head (`lm_head`) to `chunk_size` of those positions at a time and keep only the
 #    gathered log-probabilities;
 # 4. for the backward pass, which needs each chunk's softmax, either keep nothing but the chunk's
-#    *input* and recompute its logits then (**activation checkpointing**, `torch.utils.checkpoint`:
-#    one chunk of logits exists at a time), or keep the chunk's logits as the matrix product
-#    produced them. Without one of the two, autograd would keep every chunk's logits in float32.
+#    *input* and recompute its logits then (the idea of **activation checkpointing**: one chunk of
+#    logits exists at a time), or keep the chunk's logits as the matrix product produced them.
+#    Without one of the two, autograd would keep every chunk's logits in float32.
 #
 # Which of the two in step 4 is a trade of memory for time. Recomputing runs the head's forward
 # twice; for our model the head is 28% of the multiply-adds per token (section 1.5 prints it), and a
@@ -249,17 +249,33 @@ assert toy.logprobs[1].tolist() == [0, 0, -2, -3, -4]
 # autograd's, so there we keep memory bounded by one chunk and pay the recomputation (CPUs without
 # native bfloat16, whose float32 training is where memory runs shortest). So `head_logprobs` keeps
 # the logits where the matrix products run in 16 bits and recomputes them in float32
-# (`keep_logits=` overrides). The keeping is a small custom autograd function, `HeadLogprobs`. Its
-# backward pass needs the gradient of each log-prob with respect to the logits. With $z$ the logits
-# divided by the temperature $t$, $\log p_y = z_y - \log\sum_v e^{z_v}$ has gradient
+# (`keep_logits=` overrides).
+#
+# Both ways run through one small custom autograd function, `HeadLogprobs`, whose backward pass we
+# write ourselves. It needs the gradient of each log-prob with respect to the logits. With $z$ the
+# logits divided by the temperature $t$, $\log p_y = z_y - \log\sum_v e^{z_v}$ has gradient
 # $\mathbb{1}[v = y] - \mathrm{softmax}(z)_v$ with respect to $z_v$, so $(\mathbb{1}[v = y] -
-# \mathrm{softmax}(z)_v)/t$ with respect to the raw logit, times the incoming gradient. The function
-# computes that from the kept logits, writes it over them in place (they are not needed again), and
-# then needs just two matrix products, one for the hidden states' gradient and one for the head
-# weight's. (It keeps the logits on its context object, not through `save_for_backward`, so tools
-# that watch autograd's saved tensors, like `saved_for_backward_mb` below, do not see them.) Under
-# `torch.no_grad()` (the reference model, or the sampler's old log-probs) there is no backward pass,
-# and nothing is kept or recomputed.
+# \mathrm{softmax}(z)_v)/t$ with respect to the raw logit, times the incoming gradient
+# (`logit_gradient`). With kept logits, the function writes that gradient over them in place (they
+# are not needed again) and then needs just two matrix products, one for the hidden states' gradient
+# and one for the head weight's. With recomputed logits, it computes one chunk's logits again, turns
+# them into their gradient in place, and adds that chunk's share of the weight's gradient to a
+# running sum in place (`addmm_`). Written by hand, the recomputing path is also leaner than
+# wrapping each chunk in `torch.utils.checkpoint`: there, autograd computes a full-size weight
+# gradient for every chunk (151,936 × 896 floats, 0.54 GB) and then adds it to the running sum, and
+# keeps several chunk-sized intermediates of `log_softmax` alive at once. (The kept logits live on
+# the function's context object, not in `save_for_backward`, so tools that watch autograd's saved
+# tensors, like `saved_for_backward_mb` below, do not see them.) Under `torch.no_grad()` (the
+# reference model, or the sampler's old log-probs) there is no backward pass, and nothing is kept or
+# recomputed.
+#
+# One more detail decides the speed of everything that is not a matrix product here. A chunk of 256
+# positions has 39 million logits, 155 MB in float32: written as a chain of element-wise operations
+# (convert, divide by $t$, subtract the log-sum-exp, exponentiate, multiply), every step would stream
+# the whole chunk through memory. `torch.log_softmax` and `torch.softmax` instead work one row of
+# 151,936 values at a time while it sits in the CPU's cache, so the forward pass uses the first and the
+# backward pass the second, and one multiplication writes the finished gradient, rounded once, back
+# in the compute format.
 #
 # The model interface this relies on is small: `model(input_ids, attention_mask=...,
 # return_hidden=True)` returns the final normalised hidden states, and `model.lm_head` maps them to
@@ -299,10 +315,10 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
 def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, *,
                   temperature: float = 1.0, chunk_size: int = 256, keep_logits: bool | None = None) -> torch.Tensor:
     """log p(targets[i] | states[i]) (N,) in float32 from final hidden states (N, hidden), through the
-    vocabulary head `chunk_size` rows at a time. With gradients on, the backward pass either gets each
-    chunk's logits again by recomputing them (activation checkpointing: no more than one chunk of logits
-    exists at once) or reuses them, kept in the compute precision (`HeadLogprobs`). `keep_logits=None`
-    keeps them where that precision is 16-bit (a head without bias, i.e. `nn.Linear(bias=False)`, only)."""
+    vocabulary head `chunk_size` rows at a time. With gradients on, the backward pass (`HeadLogprobs`)
+    either recomputes each chunk's logits (no more than one chunk of logits exists at once) or reuses them,
+    kept in the compute precision. `keep_logits=None` keeps them where that precision is 16-bit. A head
+    other than `nn.Linear(bias=False)` goes through autograd with each chunk checkpointed."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if temperature <= 0:
@@ -312,13 +328,12 @@ def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch
         return token_logprobs(lm_head(h), y, temperature=temperature)
 
     track = torch.is_grad_enabled() and (states.requires_grad or lm_head.weight.requires_grad)
-    if track:
+    if track and isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and states.shape[0]:
         device = states.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else torch.promote_types(states.dtype, lm_head.weight.dtype))
-        plain_head = isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None
-        if (dtype.itemsize <= 2 if keep_logits is None else keep_logits) and plain_head and states.shape[0]:
-            return HeadLogprobs.apply(states, lm_head.weight, targets, dtype, temperature, chunk_size)
+        keep = dtype.itemsize <= 2 if keep_logits is None else keep_logits
+        return HeadLogprobs.apply(states, lm_head.weight, targets, dtype, temperature, chunk_size, keep)
     pieces = [checkpoint(head, states[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False) if track
               else head(states[i:i + chunk_size], targets[i:i + chunk_size])
               for i in range(0, states.shape[0], chunk_size)]
@@ -326,45 +341,72 @@ def head_logprobs(lm_head: torch.nn.Module, states: torch.Tensor, targets: torch
     return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=dtype)
 
 
+def logit_gradient(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, temperature: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """d/d logits of sum_i grad[i] * log softmax(logits[i] / temperature)[targets[i]], computed in float32 at
+    least and written to `out` (which may be `logits` itself): (one-hot(targets) - softmax) * grad / T."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    z = logits if temperature == 1 else logits.to(wide) / temperature
+    p = torch.softmax(z, -1, dtype=wide)  # one row at a time, in cache: no pass over memory per operation
+    p.scatter_add_(-1, targets[:, None].long(), p.new_full((p.shape[0], 1), -1.0))  # softmax - one-hot
+    return torch.mul(p, grad[:, None].to(wide) / -temperature, out=out)  # times -grad / T, rounded once
+
+
 class HeadLogprobs(torch.autograd.Function):
-    """`token_logprobs(states @ weight.T / temperature, targets)`, the logits computed `chunk_size` rows at a
-    time in `dtype` and kept (on ctx, unseen by saved-tensor hooks) for the backward pass, which turns them,
-    in place, into the gradient of the logits, (one-hot - softmax) / temperature x upstream gradient, and
-    then needs two matrix products."""
+    """`token_logprobs(states @ weight.T / temperature, targets)` with its backward pass written by hand, the
+    logits computed `chunk_size` rows at a time in `dtype`. With `keep` the logits are kept (on ctx, unseen by
+    saved-tensor hooks) and the backward pass turns them, in place, into the gradient of the logits
+    (`logit_gradient`), then needs two matrix products. Without, it recomputes one chunk of logits at a time
+    and adds that chunk's share to the head weight's gradient in place."""
 
     @staticmethod
-    def forward(ctx, states, weight, targets, dtype, temperature, chunk_size):
+    def forward(ctx, states, weight, targets, dtype, temperature, chunk_size, keep):
         wide = torch.promote_types(dtype, torch.float32)  # softmax arithmetic: float32 at least
+        n, c = states.shape[0], chunk_size
         with torch.autocast(states.device.type, enabled=False):
             s, w = states.to(dtype), weight.to(dtype)
-            logits = s.new_empty(s.shape[0], w.shape[0])
-            lse = torch.empty(s.shape[0], dtype=wide, device=s.device)
-            values = torch.empty_like(lse)
-            for i in range(0, s.shape[0], chunk_size):
-                z = torch.matmul(s[i:i + chunk_size], w.t(), out=logits[i:i + chunk_size]).to(wide) / temperature
-                lse[i:i + chunk_size] = torch.logsumexp(z, -1)
-                values[i:i + chunk_size] = z.gather(-1, targets[i:i + chunk_size, None].long())[:, 0] - lse[i:i + chunk_size]
-        ctx.save_for_backward(s, w, targets, lse)
-        ctx.logits, ctx.temperature, ctx.chunk_size = logits, temperature, chunk_size
+            logits = s.new_empty(n if keep else min(n, c), w.shape[0])  # all rows, or one chunk's
+            values = torch.empty(n, dtype=wide, device=s.device)
+            for i in range(0, n, c):
+                z = torch.matmul(s[i:i + c], w.t(), out=logits[i:i + c] if keep else logits[:min(c, n - i)])
+                z = z if temperature == 1 else z.to(wide) / temperature
+                values[i:i + c] = torch.log_softmax(z, -1, dtype=wide).gather(-1, targets[i:i + c, None].long())[:, 0]
+        ctx.save_for_backward(s, w, targets)
+        ctx.logits = logits if keep else None
+        ctx.keep, ctx.temperature, ctx.chunk_size = keep, temperature, chunk_size
         ctx.dtypes = states.dtype, weight.dtype
         return values
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.logits is None:
+        if ctx.keep and ctx.logits is None:
             raise RuntimeError("HeadLogprobs: the backward pass overwrites the kept logits, so it runs once "
                                "(no retain_graph=True through it; use keep_logits=False for that)")
-        s, w, targets, lse = ctx.saved_tensors
-        logits, ctx.logits, c, t = ctx.logits, None, ctx.chunk_size, ctx.temperature
+        s, w, targets = ctx.saved_tensors
+        c, t = ctx.chunk_size, ctx.temperature
+        need_states, need_weight = ctx.needs_input_grad[:2]
         with torch.autocast(s.device.type, enabled=False):
-            for i in range(0, s.shape[0], c):
-                g = grad[i:i + c, None].to(lse.dtype) / t
-                p = (logits[i:i + c].to(lse.dtype) / t - lse[i:i + c, None]).exp_()  # the softmax
-                logits[i:i + c] = p.mul_(-g).scatter_add_(-1, targets[i:i + c, None].long(), g)  # d loss / d logits
-            grad_states = logits @ w if ctx.needs_input_grad[0] else None
-            grad_weight = logits.t() @ s if ctx.needs_input_grad[1] else None
+            if ctx.keep:
+                logits, ctx.logits = ctx.logits, None
+                for i in range(0, s.shape[0], c):
+                    rows = logits[i:i + c]
+                    logit_gradient(rows, targets[i:i + c], grad[i:i + c], t, out=rows)
+                grad_states = logits @ w if need_states else None
+                grad_weight = logits.t() @ s if need_weight else None
+            else:
+                grad_states = torch.empty_like(s) if need_states else None
+                grad_weight = torch.zeros(w.shape, dtype=grad.dtype, device=w.device) if need_weight else None
+                for i in range(0, s.shape[0], c):
+                    z = s[i:i + c] @ w.t()
+                    dz = logit_gradient(z, targets[i:i + c], grad[i:i + c], t, out=z)
+                    if need_states:
+                        torch.matmul(dz, w, out=grad_states[i:i + c])
+                    if need_weight and dz.dtype == grad_weight.dtype:
+                        grad_weight.addmm_(dz.t(), s[i:i + c])  # no weight-sized temporary
+                    elif need_weight:
+                        grad_weight += dz.t() @ s[i:i + c]
         return (None if grad_states is None else grad_states.to(ctx.dtypes[0]),
-                None if grad_weight is None else grad_weight.to(ctx.dtypes[1]), None, None, None, None)
+                None if grad_weight is None else grad_weight.to(ctx.dtypes[1]), None, None, None, None, None)
 
 
 # %% [markdown]
@@ -443,17 +485,21 @@ for name in ("kept", "plain autograd"):
 
 # %% [markdown]
 # Now the memory. `torch.autograd.graph.saved_tensors_hooks` lets us see every tensor autograd keeps
-# for the backward pass; we add up their sizes (counting shared storage once) for the direct
+# for the backward pass; we add up their sizes (counting shared storage once, and leaving out the
+# model's own weights, which some operations save by reference but which exist anyway) for the direct
 # computation and for `sequence_logprobs`, on a batch of `SCORE_BATCH` sequences whose second half
 # is the completion.
 
 # %%
-def saved_for_backward_mb(fn) -> float:
-    """Mebibytes (2**20 bytes) of tensors autograd saves for the backward pass while running fn()."""
+def saved_for_backward_mb(fn, model: torch.nn.Module) -> float:
+    """Mebibytes (2**20 bytes) of tensors autograd saves for the backward pass while running fn(), not
+    counting `model`'s parameters (saved by reference, not copied)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -464,8 +510,8 @@ def saved_for_backward_mb(fn) -> float:
 B, T = SCORE_BATCH
 long_batch = completion_batch(torch.randint(0, 1000, (B, T // 2), generator=gen).tolist(),
                               torch.randint(0, 1000, (B, T // 2), generator=gen).tolist(), pad_id=0)
-mb_direct = saved_for_backward_mb(lambda: full_logits_logprobs(tiny32, long_batch))
-mb_chunked = saved_for_backward_mb(lambda: sequence_logprobs(tiny32, *long_batch[:3], chunk_size=CHUNK_SIZE))
+mb_direct = saved_for_backward_mb(lambda: full_logits_logprobs(tiny32, long_batch), tiny32)
+mb_chunked = saved_for_backward_mb(lambda: sequence_logprobs(tiny32, *long_batch[:3], chunk_size=CHUNK_SIZE), tiny32)
 vocab = tiny32.config.vocab_size
 one_chunk_mb = CHUNK_SIZE * vocab * 4 / 2**20
 print(f"{B} x {T} tokens, vocabulary {vocab:,}: saved for backward {mb_direct:,.1f} MiB directly, "
@@ -475,7 +521,7 @@ print(f"transient peak of the chunked head: about one chunk of float32 logits = 
 assert mb_chunked < mb_direct / 5
 
 # %% [markdown]
-# In the stored run (4 × 256 tokens) the direct computation keeps 641 MiB for the backward pass and
+# In the stored run (4 × 256 tokens) the direct computation keeps 603 MiB for the backward pass and
 # the chunked one 10 MiB, about 60 times less. What remains is the body's activations, which a hidden
 # size of 64 keeps tiny here (for the real model they grow with its hidden size of 896, but stay far
 # below 152k-wide logits). In float32, as here, the head's memory is one chunk of logits at a time, a
@@ -1540,8 +1586,8 @@ for kind, row in kl["estimators"].items():
 # `rlscratch.grpo` now holds every part of the GRPO loss, each a function on tensors:
 #
 # * `token_logprobs` and `sequence_logprobs`: log-probs of sampled tokens in float32, the vocabulary
-#   head in chunks and on completion positions only (`head_logprobs`: its logits recomputed for the
-#   backward pass in float32, kept in 16 bits by `HeadLogprobs`), so the batch × length × vocabulary
+#   head in chunks and on completion positions only (`head_logprobs`, with `HeadLogprobs`' hand-written
+#   backward pass: its logits recomputed in float32, kept in 16 bits), so the batch × length × vocabulary
 #   logits never exist; `completion_batch`
 #   lays out prompts and completions for it. They match the sampler's records to $2 \cdot 10^{-6}$ in float32;
 #   in bfloat16 the two differ by rounding.
