@@ -245,11 +245,12 @@ assert toy.logprobs[1].tolist() == [0, 0, -2, -3, -4]
 # forward-and-backward pass costs about three forwards, so it adds roughly a tenth to the scoring
 # step. Keeping the logits costs their memory, which depends on the number format the CPU computes
 # in: in bfloat16 they take 2 bytes each, half of what plain autograd keeps in float32 (0.6 GB for
-# 2,048 completion tokens instead of 1.2 GB). In float32 the kept logits would be as large as plain
-# autograd's, so there we keep memory bounded by one chunk and pay the recomputation (CPUs without
-# native bfloat16, whose float32 training is where memory runs shortest). So `head_logprobs` keeps
-# the logits where the matrix products run in 16 bits and recomputes them in float32
-# (`keep_logits=` overrides).
+# 2,048 completion tokens, e.g. 8 answers of 256 tokens, instead of 1.2 GB). In float32 the kept
+# logits would be as large as plain autograd's, so there we keep memory bounded by one chunk and pay
+# the recomputation. That matters most on CPUs without native bfloat16, which train in float32 and
+# have the least memory to spare. So `head_logprobs` keeps the logits where the matrix products run
+# in 16 bits and recomputes them in float32 (`head_logprobs(..., keep_logits=...)` overrides that;
+# `sequence_logprobs` always takes the default).
 #
 # Both ways run through one small custom autograd function, `HeadLogprobs`, whose backward pass we
 # write ourselves. It needs the gradient of each log-prob with respect to the logits. With $z$ the
@@ -265,17 +266,19 @@ assert toy.logprobs[1].tolist() == [0, 0, -2, -3, -4]
 # gradient for every chunk (151,936 × 896 floats, 0.54 GB) and then adds it to the running sum, and
 # keeps several chunk-sized intermediates of `log_softmax` alive at once. (The kept logits live on
 # the function's context object, not in `save_for_backward`, so tools that watch autograd's saved
-# tensors, like `saved_for_backward_mb` below, do not see them.) Under `torch.no_grad()` (the
+# tensors, like `saved_for_backward_mb` below, do not see them; that check runs in float32, where
+# nothing is kept anyway.) Under `torch.no_grad()` (the
 # reference model, or the sampler's old log-probs) there is no backward pass, and nothing is kept or
 # recomputed.
 #
 # One more detail decides the speed of everything that is not a matrix product here. A chunk of 256
-# positions has 39 million logits, 155 MB in float32: written as a chain of element-wise operations
+# positions has 39 million logits, 156 MB (148 MiB) in float32: written as a chain of element-wise operations
 # (convert, divide by $t$, subtract the log-sum-exp, exponentiate, multiply), every step would stream
 # the whole chunk through memory. `torch.log_softmax` and `torch.softmax` instead work one row of
 # 151,936 values at a time while it sits in the CPU's cache, so the forward pass uses the first and the
 # backward pass the second, and one multiplication writes the finished gradient, rounded once, back
-# in the compute format.
+# in the compute format. (At a temperature other than 1 the division by $t$ remains a pass of its
+# own; GRPO samples, and so scores, at temperature 1 in this book's runs.)
 #
 # The model interface this relies on is small: `model(input_ids, attention_mask=...,
 # return_hidden=True)` returns the final normalised hidden states, and `model.lm_head` maps them to
