@@ -132,9 +132,33 @@ def test_uncommitted_script_edits_survive_a_later_notebook_save(tmp_path, capsys
 def test_a_newer_script_differing_only_in_its_header_is_regenerated(tmp_path):
     notebook, script = make_book(tmp_path)
     age(notebook, 60)
-    script.write_text(script.read_text().replace("jupytext_version: 1.19.6", "jupytext_version: 1.16.0"))
+    script.write_text(script.read_text().replace("display_name: Python (rlscratch)", "display_name: Python 3"))
+    assert export.main(["--check"], root=tmp_path) == 1
     assert export.main([], root=tmp_path) == 0
-    assert "1.16.0" not in script.read_text()
+    assert "Python 3" not in script.read_text() and export.main(["--check"], root=tmp_path) == 0
+
+
+def test_a_script_written_by_another_jupytext_release_is_in_sync(tmp_path):
+    """A new jupytext on PyPI changes only the version line it writes: neither a failed check nor a rewrite."""
+    _, script = make_book(tmp_path)
+    written = script.read_text()
+    assert "jupytext_version: " in written
+    older = re_version(written, "1.16.0")
+    script.write_text(older)
+    assert export.main(["--check"], root=tmp_path) == 0
+    assert export.main([], root=tmp_path) == 0 and script.read_text() == older
+    # a change below the header is still caught
+    script.write_text(older.replace("return 1", "return 2"))
+    assert export.main(["--check"], root=tmp_path) == 1
+
+
+def re_version(text: str, version: str) -> str:
+    """`text` with the version in its `jupytext_version:` header line replaced."""
+    import re
+
+    changed, count = re.subn(r"(jupytext_version: )\S+", rf"\g<1>{version}", text, count=1)
+    assert count == 1
+    return changed
 
 
 def test_orphaned_generated_module_is_flagged(tmp_path, capsys):
