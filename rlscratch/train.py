@@ -825,6 +825,37 @@ class RunLog:
             self.wandb.finish()
 
 
+def process_memory() -> dict[str, float | None]:
+    """This process's resident memory now (`rss_GB`) and its highest so far (`peak_rss_GB`), in GB (1e9
+    bytes); None where the system does not say (the first needs Linux's /proc)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        now = resident_pages * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        now = None
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
+    except ImportError:  # Windows
+        peak = None
+    return {"rss_GB": now, "peak_rss_GB": peak}
+
+
+MEASUREMENTS = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s", "rss_GB", "peak_rss_GB")
+
+
+def computed_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record without what the machine measured (times, memory): the part on which two runs of
+    the same computation (straight and resumed, one process and several) must agree."""
+    return {k: v for k, v in record.items() if k not in MEASUREMENTS}
+
+
+def _memory_note() -> str:
+    rss = process_memory()["rss_GB"]
+    return "" if rss is None else f" | memory {rss:.1f} GB"
+
+
 def _truncate_jsonl(path: Path, keep) -> None:
     """Rewrite a JSON-lines file with only the complete lines for which keep(row) is true."""
     if path.exists():
@@ -1185,12 +1216,12 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
                 runlog.write({**common, "optimizer_step": optimizer_step, "update": update, "lr": lr, **stats,
                               "time_generation": t_gen if update == 0 else 0.0,
                               "time_reference": t_ref if update == 0 else 0.0,
-                              "time_policy": time.perf_counter() - t0, "machine": machine,
+                              "time_policy": time.perf_counter() - t0, "machine": machine, **process_memory(),
                               "generated_tokens_per_s": sum(lengths) / t_gen if update == 0 and t_gen > 0 else None})
         log(f"step {step}/{total_steps}: reward {common['reward_mean']:.3f} zero-signal "
             f"{common['zero_signal_fraction']:.0%} length {common['response_length']:.0f} loss {stats['loss']:+.4f} "
             f"grad {stats['grad_norm']:.3f} lr {lr:.2e} | gen {t_gen:.1f}s ref {t_ref:.1f}s "
-            f"policy {time.perf_counter() - t0:.1f}s")
+            f"policy {time.perf_counter() - t0:.1f}s" + _memory_note())
         epoch_end = cursor // len(order) > epochs_done
         if epoch_end:
             epochs_done = cursor // len(order)

@@ -19,7 +19,7 @@ from rlscratch.generate import Completion
 from rlscratch.model import Qwen2Model, load_model, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMING = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s")
+TIMING = T.MEASUREMENTS  # what the machine measured (times, memory): differs between runs of the same work
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -596,6 +596,9 @@ def test_toy_cli_run_earns_rewards_and_changes_weights(toy_runs):
                 "kl", "entropy", "clip_fraction", "loss", "grad_norm", "lr", "machine", *TIMING}
     assert required <= set(metrics[0])
     assert "cores" in metrics[0]["machine"]  # every step's times name their CPU
+    if sys.platform == "linux":  # memory after each step and the high-water mark, in GB (/proc, getrusage)
+        assert all(0.05 < m["rss_GB"] <= m["peak_rss_GB"] < 64 for m in metrics)
+        assert [m["peak_rss_GB"] for m in metrics] == sorted(m["peak_rss_GB"] for m in metrics)
     assert max(m["reward_mean"] for m in metrics) > 0 and metrics[0]["kl"] == pytest.approx(0, abs=1e-6)
     # learnable within a few steps (with this seed and rate the rise spans the kill point of the next test)
     assert metrics[-1]["reward_mean"] > metrics[0]["reward_mean"] + 0.2

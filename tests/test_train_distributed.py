@@ -17,7 +17,7 @@ import torch
 from rlscratch import train as T
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMING = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s", "seconds")
+TIMING = (*T.MEASUREMENTS, "seconds")  # what the machine measured, not what the runs computed
 # the toy task under the grpo preset (a KL term, so a reference model on every process), micro-batches of 4
 # so that each process accumulates several and the processes hold different numbers of them. The runs on 1
 # and 2 processes draw the same samples only while their weights, equal up to float rounding, give every

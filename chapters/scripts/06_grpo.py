@@ -1355,6 +1355,7 @@ assert torch.allclose(ours, theirs, atol=1e-4) and torch.equal(ours, reloaded)
 # | `loss`, `grad_norm`, `lr` | the optimisation itself; `grad_norm` is taken before clipping, so it shows how often the clip acts |
 # | `logprob_gap` | mean \|training log-prob − sampler log-prob\|: 0 up to rounding in float32, bf16's size otherwise |
 # | `time_generation`, `time_reference`, `time_policy` | where the step's time goes |
+# | `rss_GB`, `peak_rss_GB` | the process's resident memory after the step, and its highest so far: memory that grows from step to step shows in the first, what the machine must hold in the second |
 #
 # `kl`, `entropy`, `clip_fraction` and `logprob_gap` are measured on the answers that went through
 # the update (not on skipped ones), and are empty (`null`) when none did.
@@ -1400,6 +1401,37 @@ class RunLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def process_memory() -> dict[str, float | None]:
+    """This process's resident memory now (`rss_GB`) and its highest so far (`peak_rss_GB`), in GB (1e9
+    bytes); None where the system does not say (the first needs Linux's /proc)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        now = resident_pages * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        now = None
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
+    except ImportError:  # Windows
+        peak = None
+    return {"rss_GB": now, "peak_rss_GB": peak}
+
+
+MEASUREMENTS = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s", "rss_GB", "peak_rss_GB")
+
+
+def computed_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record without what the machine measured (times, memory): the part on which two runs of
+    the same computation (straight and resumed, one process and several) must agree."""
+    return {k: v for k, v in record.items() if k not in MEASUREMENTS}
+
+
+def _memory_note() -> str:
+    rss = process_memory()["rss_GB"]
+    return "" if rss is None else f" | memory {rss:.1f} GB"
 
 
 def _truncate_jsonl(path: Path, keep) -> None:
@@ -1807,12 +1839,12 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
                 runlog.write({**common, "optimizer_step": optimizer_step, "update": update, "lr": lr, **stats,
                               "time_generation": t_gen if update == 0 else 0.0,
                               "time_reference": t_ref if update == 0 else 0.0,
-                              "time_policy": time.perf_counter() - t0, "machine": machine,
+                              "time_policy": time.perf_counter() - t0, "machine": machine, **process_memory(),
                               "generated_tokens_per_s": sum(lengths) / t_gen if update == 0 and t_gen > 0 else None})
         log(f"step {step}/{total_steps}: reward {common['reward_mean']:.3f} zero-signal "
             f"{common['zero_signal_fraction']:.0%} length {common['response_length']:.0f} loss {stats['loss']:+.4f} "
             f"grad {stats['grad_norm']:.3f} lr {lr:.2e} | gen {t_gen:.1f}s ref {t_ref:.1f}s "
-            f"policy {time.perf_counter() - t0:.1f}s")
+            f"policy {time.perf_counter() - t0:.1f}s" + _memory_note())
         epoch_end = cursor // len(order) > epochs_done
         if epoch_end:
             epochs_done = cursor // len(order)
@@ -2053,8 +2085,7 @@ straight = train(toy_config("toy-straight"), log=lambda line: None)
 
 # %%
 run_a, run_b = read_run(WORK / "toy-interrupted"), read_run(WORK / "toy-straight")
-timing = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k != "generated_tokens_per_s"}
-assert [timing(r) for r in run_a["metrics"]] == [timing(r) for r in run_b["metrics"]]
+assert [computed_metrics(r) for r in run_a["metrics"]] == [computed_metrics(r) for r in run_b["metrics"]]
 w_a = load_model(WORK / "toy-interrupted" / "final", dtype=torch.float32)[0].state_dict()
 w_b = load_model(WORK / "toy-straight" / "final", dtype=torch.float32)[0].state_dict()
 w_0 = tiny.state_dict()  # the starting weights (section 3's copy, never trained)
@@ -2541,8 +2572,8 @@ else:
     for name, seconds in phases.items():
         print(f"  {name:14} {seconds / total:4.0%} of the time, {rates[name]:6.1f} {what[name]}")
     bench = REPO_ROOT / "benchmarks" / "results"
-    # the run was on a Zen 4 machine: set it beside the benchmarks measured there (bench_train.json itself now
-    # holds a later measurement on a Zen 5 machine, with this session's code)
+    # the run was on a Zen 4 machine: set it beside the benchmarks measured there with the run's code of
+    # 2026-11-24 (bench_train.json holds a later measurement with later code)
     if (bench / "bench_generate.json").exists() and (bench / "bench_train_zen4.json").exists():
         gen = {r["name"]: r["tokens_per_s"] for r in json.loads((bench / "bench_generate.json").read_text())["rows"]}
         tr = json.loads((bench / "bench_train_zen4.json").read_text())
@@ -2777,7 +2808,28 @@ else:
 # against 25,537 over the four steps), and over the four the policy update ran 1.18 times and the
 # reference pass 1.23 times as fast. On this Zen 5 machine the heaviest step now takes 93 s. The
 # Zen 4 machine of the main run was not available to time it again: there its heaviest step measured
-# 191 s before these changes (tcmalloc, above), and whether they bring it under 180 s is not measured.
+# 191 s before these changes (tcmalloc, above). The next subsection times it there.
+
+# %% [markdown]
+# ### Back on the Zen 4 machine
+#
+# A later session landed on a Zen 4 machine again (AMD family 25, the kind that ran the main run
+# and the tcmalloc comparison above), so the question left open can be answered where it was asked.
+# The same 4 steps, same command, seed and pre-pass, with today's code (the lean backward passes and
+# the three speed changes above), against the tcmalloc run of the same machine kind:
+
+# %%
+ZEN4_DIR = Path(os.environ.get("RLSCRATCH_GRPO_ZEN4", cache_dir() / "runs" / "zen4-speed"))
+zen4_run = load_run(ZEN4_DIR, WORK / "zen4-records" if SMOKE else results_dir() / "grpo-gsm8k-zen4-speed")
+if SMOKE and zen4_run is None and tcmalloc_run is not None:  # the test suite: exercise the cell on any two runs
+    zen4_run = tcmalloc_run
+if tcmalloc_run is None or zen4_run is None:
+    print(f"no runs in {shown(TCMALLOC_DIR)} and {shown(ZEN4_DIR)}: run the command above in both")
+else:
+    compare_steps(tcmalloc_run["metrics"], zen4_run["metrics"], "tcmalloc, 2026-11-25 -> today's code")
+
+# %% [markdown]
+# ZEN4_PROSE
 
 # %% [markdown]
 # ### On a GPU
