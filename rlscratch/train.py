@@ -780,8 +780,15 @@ def export_hf(model, tokenizer, folder: Path, *, dtype: torch.dtype = torch.floa
     hf_config.dtype = str(dtype).removeprefix("torch.")
     hf_config.save_pretrained(str(tmp))
     tied = model.config.tie_word_embeddings
-    tensors = {name: t.detach().to("cpu", dtype).clone() for name, t in hf_state_dict(model).items()
-               if not (tied and name == "lm_head.weight")}
+    tensors = {}
+    for name, t in hf_state_dict(model).items():
+        if tied and name == "lm_head.weight":
+            continue
+        t = t.detach().to("cpu", dtype)  # copies only where the device or dtype differ
+        whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        # q/k/v and gate/up are views into one fused weight, and safetensors wants every tensor to own its
+        # memory: only those are copied (a third of the weights, not all of them at once on top of training)
+        tensors[name] = t if whole and t.is_contiguous() else t.clone()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
@@ -1154,6 +1161,9 @@ def _train(cfg: TrainConfig, dist: Dist, device: str, log) -> dict[str, Any]:
         last_eval = step
 
     def export(folder: Path) -> None:
+        # the evaluation's packed copies (2 bytes a parameter) are not held through the export and the
+        # checkpoint that follows: the next step's sampling packs the weights again, in a second or two
+        release_packed_weights(model)
         with whole_model(model, dist) as whole:
             if whole is not None:  # rank 0
                 export_hf(whole, tokenizer, folder, dtype=getattr(torch, cfg.export_dtype))
