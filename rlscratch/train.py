@@ -788,7 +788,7 @@ def export_hf(model, tokenizer, folder: Path, *, dtype: torch.dtype = torch.floa
         whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
         # q/k/v and gate/up are views into one fused weight, and safetensors wants every tensor to own its
         # memory: only those are copied (a third of the weights, not all of them at once on top of training)
-        tensors[name] = t if whole and t.is_contiguous() else t.clone()
+        tensors[name] = t if whole and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
@@ -846,15 +846,18 @@ def process_memory() -> dict[str, float | None]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
     except ImportError:  # Windows
         peak = None
+    if peak is not None and now is not None:
+        peak = max(peak, now)  # Linux updates its high-water mark lazily: it can trail the current figure
     return {"rss_GB": now, "peak_rss_GB": peak}
 
 
-MEASUREMENTS = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s", "rss_GB", "peak_rss_GB")
+MEASUREMENTS = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s", "rss_GB", "peak_rss_GB",
+                "machine")
 
 
 def computed_metrics(record: dict[str, Any]) -> dict[str, Any]:
-    """A metrics record without what the machine measured (times, memory): the part on which two runs of
-    the same computation (straight and resumed, one process and several) must agree."""
+    """A metrics record without what the machine measured (times, memory) and its name: the part on which
+    two runs of the same computation (straight and resumed, one process and several) must agree."""
     return {k: v for k, v in record.items() if k not in MEASUREMENTS}
 
 

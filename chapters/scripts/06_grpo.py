@@ -1315,7 +1315,7 @@ def export_hf(model, tokenizer, folder: Path, *, dtype: torch.dtype = torch.floa
         whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
         # q/k/v and gate/up are views into one fused weight, and safetensors wants every tensor to own its
         # memory: only those are copied (a third of the weights, not all of them at once on top of training)
-        tensors[name] = t if whole and t.is_contiguous() else t.clone()
+        tensors[name] = t if whole and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
@@ -1362,7 +1362,7 @@ assert torch.allclose(ours, theirs, atol=1e-4) and torch.equal(ours, reloaded)
 # | `loss`, `grad_norm`, `lr` | the optimisation itself; `grad_norm` is taken before clipping, so it shows how often the clip acts |
 # | `logprob_gap` | mean \|training log-prob − sampler log-prob\|: 0 up to rounding in float32, bf16's size otherwise |
 # | `time_generation`, `time_reference`, `time_policy` | where the step's time goes |
-# | `rss_GB`, `peak_rss_GB` | the process's resident memory after the step, and its highest so far: memory that grows from step to step shows in the first, what the machine must hold in the second |
+# | `rss_GB`, `peak_rss_GB` | the process's resident memory after the step, and its highest since the process started (pre-pass and evaluations included; a resumed run counts from its restart): memory that grows from step to step shows in the first, what the machine must hold in the second |
 #
 # `kl`, `entropy`, `clip_fraction` and `logprob_gap` are measured on the answers that went through
 # the update (not on skipped ones), and are empty (`null`) when none did.
@@ -1424,15 +1424,18 @@ def process_memory() -> dict[str, float | None]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
     except ImportError:  # Windows
         peak = None
+    if peak is not None and now is not None:
+        peak = max(peak, now)  # Linux updates its high-water mark lazily: it can trail the current figure
     return {"rss_GB": now, "peak_rss_GB": peak}
 
 
-MEASUREMENTS = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s", "rss_GB", "peak_rss_GB")
+MEASUREMENTS = ("time_generation", "time_reference", "time_policy", "generated_tokens_per_s", "rss_GB", "peak_rss_GB",
+                "machine")
 
 
 def computed_metrics(record: dict[str, Any]) -> dict[str, Any]:
-    """A metrics record without what the machine measured (times, memory): the part on which two runs of
-    the same computation (straight and resumed, one process and several) must agree."""
+    """A metrics record without what the machine measured (times, memory) and its name: the part on which
+    two runs of the same computation (straight and resumed, one process and several) must agree."""
     return {k: v for k, v in record.items() if k not in MEASUREMENTS}
 
 
@@ -2168,8 +2171,8 @@ for r in run_a["metrics"][:10]:
 # candidate questions and keeps the 42 solved sometimes; 3 epochs over them are
 # $\lceil 3 \cdot 42 / 4 \rceil = 32$ steps of 4 questions, at a median of 3.1 minutes each (101
 # minutes in all), plus four evaluations of 200 test questions. The run was stopped and resumed
-# several times (twice killed by the out-of-memory killer; "Memory from step to step", later
-# of this section, looks for the cause); every restart continued from the last checkpoint. The
+# several times (twice killed by the out-of-memory killer; "Memory from step to step", later in
+# this section, looks for the cause); every restart continued from the last checkpoint. The
 # pre-pass too was interrupted and resumed, and the time printed below counts only its last session,
 # the questions it still had to do. The cells below read the run folder's records (or their copy
 # kept with the book), so re-executing this notebook never retrains.
@@ -2558,8 +2561,8 @@ else:
 # time: activation checkpointing (`--gradient-checkpointing`, not used by this run) trained at nearly
 # the same speed (70.0 against 71.2 tokens/s) with a quarter less peak memory (12.5 against 16.5 GB).
 # That leaves more headroom, but whether it would have spared the run its out-of-memory kills is
-# untested; "Memory from step to step", below, measures the memory of each step and what the
-# epoch's end added on top.
+# untested; "Memory from step to step", below, measures the memory of each step and estimates what
+# an epoch's end adds.
 
 # %%
 from rlscratch.results import REPO_ROOT
@@ -2880,33 +2883,38 @@ else:
     fig, ax = plt.subplots(figsize=(5, 2.6))
     curve(ax, rows_, "rss_GB", "after the step", marker="o")
     curve(ax, rows_, "peak_rss_GB", "highest so far", ls=":")
-    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        ax.axhline(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, color="k", lw=1,
-                   label="memory of the computer running this")
     ax.set(xlabel="step", ylabel="GB", title="the training process's resident memory", ylim=(0, None))
     ax.legend(loc="lower right", fontsize=8)
     plt.tight_layout()
     plt.show()
 
 # %% [markdown]
-# Memory rises twice and then stays flat. After step 1 the process holds 15.3 GB; after step 2, 18.5
-# GB: AdamW creates its two averages (8 bytes a parameter, 5.0 GB) in the first optimizer step, after
-# step 1's backward pass, so from step 2 on they are there during every backward pass too. A further
-# 0.6 GB came with step 4, and from there to step 8 nothing grew. So 8 steps show no leak, only a
-# working set of about 19 GB: 2.5 GB each for the policy's weights, its gradients and the frozen
-# reference, 5.0 GB for AdamW, 1.3 GB for the reference's packed bfloat16 copy, the rest activations
-# and the allocator's reserve. The main run did more than these steps: at each epoch's end it
-# evaluated, exported the model and wrote a checkpoint. The export copied every weight before writing
-# it (2.5 GB in float32) while the evaluation's packed copies of the policy (1.3 GB) were still held:
-# on top of the working set above, about 23 GB on a 24 GB machine. Both are gone now: `export_hf` copies only the q/k/v and gate/up
-# slices of the fused weights, which the file format needs as tensors of their own (0.9 GB; the same
-# export under tcmalloc left the process 0.9 GB larger instead of 2.5 GB), and the loop frees the
-# packed copies before exporting. Whether that is what killed the main run cannot be said from here,
-# since no record shows where the kills struck; the next long run records its memory at every step.
+# Memory rises twice and then stays flat. After step 1 the process holds 15.3 GB, AdamW's two averages
+# (8 bytes a parameter, 5.0 GB) included: the first optimizer step creates them at the end of step 1,
+# after its backward pass, partly in memory the allocator had kept from that pass. Step 2's backward
+# pass is the first to run beside them, hence 18.5 GB, 3.2 GB more and not 5.0. A further 0.6 GB came
+# with step 4 (which trained fewer tokens than step 3: a new pattern of block sizes for the allocator,
+# most likely, though nothing here shows it), and from there to step 8 nothing grew. So 8 steps show
+# no leak, only a working set of about 19 GB at the peak of a step: 2.5 GB each for the policy's
+# weights, its gradients and the frozen reference, 5.0 GB for AdamW, 1.3 GB for the reference's
+# packed bfloat16 copy, the rest activations and the allocator's reserve.
 #
-# The timings agree with the run before: step 1, the same 32 answers once more, took 169 s (163 s in
-# the run above: the machine's drift), and the heaviest of the other steps, step 7 with 7,915 answer
-# tokens, 163 s.
+# The main run did more than these steps: at each epoch's end it evaluated, exported the model and
+# wrote a checkpoint, and those moments hold tensors a step does not: the evaluation's packed copies
+# of the policy (1.3 GB), kept until the next step's sampling, and the export's copy of every weight
+# (2.5 GB in float32). With a step's activations gone by then, that is about 18 GB of tensors, less
+# than a step's peak, so by this count the epoch's end should not have overflowed this machine
+# (25 GB, 23.5 GiB) either; the main run's kills stay unexplained. It ran older code under glibc's
+# allocator, which this run does not reproduce, and no record says where the kills struck; the next
+# long run records its memory at every step. Both extra copies are gone all the same: `export_hf`
+# now copies only the q/k/v and gate/up slices of the fused weights, which the file format needs as
+# tensors of their own (0.9 GB; in a separate measurement, not stored here, the same export left the
+# process 0.9 GB larger under tcmalloc instead of 2.5 GB), and the loop frees the packed copies before
+# exporting.
+#
+# The timings agree with the run above: steps 1-4 sampled the very same answers as there (the same
+# token counts) and took 4-12% longer (step 1: 169 s against 163 s), this machine's drift from one
+# run to the next; the heaviest new step, step 7 with 7,915 answer tokens, took 163 s.
 
 # %% [markdown]
 # ### On a GPU
